@@ -1,0 +1,1 @@
+"""Two-stage pairwise preference pipeline: LoRA-fine-tuned Llama classifier -> LightGBM stacker."""

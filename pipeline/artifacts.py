@@ -1,0 +1,160 @@
+"""The per-experiment artifact folder: atomic writes, metrics.json, run manifest, done-markers.
+
+A killed run must never leave a half-written file that a later stage trusts: every file is written to a
+temporary name in the same folder and renamed into place, and a stage folder only counts as finished when its
+`state.json` (written last) says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import UserError
+
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.json"
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "lightgbm", "hydra-core", "pandas", "numpy",
+                    "scikit-learn", "bitsandbytes", "deepspeed")
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes artifacts under torchrun / accelerate."""
+    return rank() == 0
+
+
+def exp_dir(cfg: DictConfig) -> Path:
+    path = Path(cfg.paths.exp_dir)
+    if is_main_process():
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def update_metrics(exp: Path, stage: str, metrics: dict[str, Any]) -> None:
+    """Set `metrics.json[stage]`, keeping the other stages' entries."""
+    path = exp / METRICS_FILE
+    current = read_json(path) if path.exists() else {}
+    current[stage] = metrics
+    write_json(path, current)
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config subtree (DictConfig or plain data)."""
+    if isinstance(obj, DictConfig):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path | None) -> str | None:
+    """Content hash of an input file, so artifacts made from other data are detected."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def read_state(folder: Path) -> dict[str, Any] | None:
+    path = folder / STATE_FILE
+    return read_json(path) if path.exists() else None
+
+
+def mark_done(folder: Path, state: dict[str, Any]) -> None:
+    write_json(folder / STATE_FILE, {"done": True, **state})
+
+
+def check_state(folder: Path, expected: dict[str, Any], how_to_fix: str) -> bool:
+    """True when `folder` is finished with the same seed/config as `expected`; raise when it is finished with a
+    different one (mixing them would silently corrupt results); False when it is not finished."""
+    state = read_state(folder)
+    if not state or not state.get("done"):
+        return False
+    changed = [k for k, v in expected.items() if state.get(k) != v]
+    if changed:
+        details = ", ".join(f"{k}: {state.get(k)!r} -> {expected[k]!r}" for k in changed)
+        raise UserError(f"{folder} was made with a different setup ({details}); {how_to_fix}")
+    return True
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(exp: Path, cfg: DictConfig, stage: str) -> None:
+    """Record how a stage was run: resolved config, seed, versions, commit, command line."""
+    if not is_main_process():
+        return
+    write_json(exp / "manifests" / f"{stage}.json", {
+        "stage": stage,
+        "seed": int(cfg.seed),
+        "argv": sys.argv,
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    })

@@ -1,0 +1,109 @@
+"""Turn (prompt, response_a, response_b) into token ids with per-segment budgets and the response spans.
+
+Each segment is tokenised on its own and truncated to its budget, so one long response cannot starve the
+other, and the token span of each response is known exactly (the embed stage pools over it). The sequence
+ends with a fixed verdict marker, never with a pad/EOS token: classification heads pool the last non-pad token,
+which breaks when pad == EOS (SmolLM2, Llama-3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from pipeline.errors import UserError
+
+# Text around the three segments. The ids of these markers are fixed per tokenizer.
+MARKERS = ("Which response better answers the user?\n\n## Prompt\n", "\n\n## Response A\n", "\n\n## Response B\n",
+           "\n\n## Verdict:")
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    input_ids: list[int]
+    span_a: tuple[int, int]   # [start, end) of response_a's tokens in input_ids
+    span_b: tuple[int, int]
+    n_truncated: int          # tokens cut from the three segments together
+
+
+def segment_text(turns: Sequence[str]) -> str:
+    """One segment's text: a single turn as is, several turns numbered."""
+    if len(turns) == 1:
+        return turns[0]
+    return "\n".join(f"[turn {i}] {turn}" for i, turn in enumerate(turns, 1))
+
+
+def allocate_budget(lengths: Sequence[int], total: int, caps: Sequence[int | None]) -> list[int]:
+    """Split `total` tokens between segments fairly (water-filling): a segment shorter than its share keeps its
+    length and gives the rest to the others; `caps` bounds a segment's allocation (None = no bound)."""
+    want = [min(n, cap) if cap is not None else n for n, cap in zip(lengths, caps)]
+    alloc = [0] * len(want)
+    remaining = total
+    active = [i for i, w in enumerate(want) if w > 0]
+    while active and remaining > 0:
+        share = remaining // len(active)
+        if share == 0:
+            for i in active[:remaining]:
+                alloc[i] += 1
+            break
+        still_wanting = []
+        for i in active:
+            give = min(share, want[i] - alloc[i])
+            alloc[i] += give
+            remaining -= give
+            if alloc[i] < want[i]:
+                still_wanting.append(i)
+        active = still_wanting
+    return alloc
+
+
+def truncate(ids: Sequence[int], keep: int, side: str) -> list[int]:
+    """Keep `keep` tokens: `left` truncation drops the start (keeps the end), `right` drops the end."""
+    if keep >= len(ids):
+        return list(ids)
+    if keep <= 0:
+        return []
+    return list(ids[-keep:]) if side == "left" else list(ids[:keep])
+
+
+def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_ids: Sequence[int],
+             b_ids: Sequence[int], max_length: int, prompt_max_fraction: float, truncation_side: str) -> EncodedPair:
+    """Concatenate markers and budgeted segments; return ids and the response spans."""
+    if truncation_side not in ("left", "right"):
+        raise UserError(f"model.truncation_side={truncation_side}: use left or right")
+    fixed = sum(len(m) for m in marker_ids)
+    available = max_length - fixed
+    if available < 3:
+        raise UserError(f"model.max_length={max_length} leaves no room for text after the {fixed} template tokens; "
+                        f"raise it above {fixed + 3}")
+    lengths = [len(prompt_ids), len(a_ids), len(b_ids)]
+    budgets = allocate_budget(lengths, available, [max(1, int(available * prompt_max_fraction)), None, None])
+    segments = [truncate(ids, n, truncation_side) for ids, n in zip((prompt_ids, a_ids, b_ids), budgets)]
+    ids: list[int] = []
+    spans = []
+    for marker, segment in zip(marker_ids, segments):
+        ids += marker
+        start = len(ids)
+        ids += segment
+        spans.append((start, len(ids)))
+    ids += marker_ids[3]
+    return EncodedPair(ids, spans[1], spans[2], n_truncated=sum(lengths) - sum(budgets))
+
+
+def encode_pairs(tokenize: Callable[[list[str]], list[list[int]]], prompts: Sequence[Sequence[str]],
+                 responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequence[str]], max_length: int,
+                 prompt_max_fraction: float, truncation_side: str) -> list[EncodedPair]:
+    """Encode many rows. `tokenize` maps texts to token ids without special tokens (batched for speed)."""
+    marker_ids = tokenize(list(MARKERS))
+    n = len(prompts)
+    texts = [segment_text(t) for t in prompts] + [segment_text(t) for t in responses_a] + \
+        [segment_text(t) for t in responses_b]
+    ids = tokenize(texts)
+    return [assemble(marker_ids, ids[i], ids[n + i], ids[2 * n + i], max_length, prompt_max_fraction,
+                     truncation_side) for i in range(n)]
+
+
+def tokenizer_fn(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """Adapter from a HF tokenizer to the `tokenize` callable above."""
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenize

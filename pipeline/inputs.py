@@ -1,0 +1,28 @@
+"""Resolve which train / test files a run uses and load them (shared by every stage)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline import demo_data
+from pipeline.data import PairData, load_pairs
+
+
+def data_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(train, test) paths. Without data.train the generated demo data is used, with its demo test file unless
+    data.test says otherwise."""
+    if cfg.data.train is not None:
+        return Path(cfg.data.train), (Path(cfg.data.test) if cfg.data.test is not None else None)
+    demo = cfg.data.demo
+    train, test = demo_data.ensure_demo_files(cfg.paths.demo_dir, demo.n_train, demo.n_test, demo.seed)
+    return train, (Path(cfg.data.test) if cfg.data.test is not None else test)
+
+
+def load_train(cfg: DictConfig) -> PairData:
+    return load_pairs(data_paths(cfg)[0], with_labels=True)
+
+
+def load_test(cfg: DictConfig) -> PairData | None:
+    test = data_paths(cfg)[1]
+    return load_pairs(test, with_labels=False) if test is not None else None

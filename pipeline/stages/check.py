@@ -1,0 +1,80 @@
+"""stage=check: validate data.train / data.test and the config before a long run; print and record a summary."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import artifacts, folds, inputs, modeling
+from pipeline.data import PairData
+from pipeline.formatting import MARKERS, segment_text, tokenizer_fn
+
+log = logging.getLogger(__name__)
+
+
+def token_length_percentiles(data: PairData, tokenizer) -> dict[str, dict[str, int]]:
+    """Untruncated token counts per segment and for the whole formatted pair (p50/p90/p99/max)."""
+    tokenize = tokenizer_fn(tokenizer)
+    frame = data.frame
+    counts = {col: np.array([len(ids) for ids in tokenize([segment_text(t) for t in frame[col]])])
+              for col in ("prompt", "response_a", "response_b")}
+    counts["pair"] = sum(counts.values()) + sum(len(ids) for ids in tokenize(list(MARKERS)))
+    return {name: {f"p{q}": int(np.percentile(v, q)) for q in (50, 90, 99)} | {"max": int(v.max())}
+            for name, v in counts.items()}
+
+
+def cheap_tokenizer(cfg: DictConfig):
+    """The model's tokenizer when it is already on disk (or tiny, built in a second); else None, so a check never
+    waits for a model conversion or download."""
+    try:
+        target, build = modeling.base_model_plan(cfg.model, cfg.paths.model_cache_dir)
+        if cfg.model.source == "tiny":
+            target = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+        elif not Path(target).is_dir():
+            return None
+        return modeling.load_tokenizer(target, cfg.model)
+    except Exception as exc:  # the length summary is an extra, never a reason to fail the check
+        log.warning("no token-length summary: %s", exc)
+        return None
+
+
+def summarise(data: PairData, tokenizer, max_length: int) -> dict:
+    summary: dict = {"file": data.source, "n_rows": len(data.frame), "n_repaired": data.n_repaired,
+                     "repairs": data.repairs}
+    if data.has_labels:
+        summary["label_counts"] = data.label_counts()
+    if tokenizer is not None:
+        summary["token_lengths"] = token_length_percentiles(data, tokenizer)
+        summary["max_length"] = max_length
+    return summary
+
+
+def run(cfg: DictConfig) -> dict:
+    modeling.validate(cfg.model)
+    exp = artifacts.exp_dir(cfg)
+    train = inputs.load_train(cfg)
+    test = inputs.load_test(cfg)
+    # Folds are assigned here when they do not exist yet, which also checks cv.n_folds against the data.
+    fold_frame = folds.load_or_create(exp, train.frame, cfg.cv.n_folds, cfg.seed)
+    tokenizer = cheap_tokenizer(cfg)
+    metrics = {"train": summarise(train, tokenizer, cfg.model.max_length)}
+    metrics["train"]["fold_sizes"] = fold_frame["fold"].value_counts().sort_index().astype(int).tolist()
+    if test is not None:
+        metrics["test"] = summarise(test, tokenizer, cfg.model.max_length)
+        overlap = set(train.frame["id"]) & set(test.frame["id"])
+        metrics["test"]["ids_also_in_train"] = len(overlap)
+    for split, summary in metrics.items():
+        line = f"check {split}: {summary['n_rows']} rows, {summary['n_repaired']} repaired {summary['repairs']}"
+        if "label_counts" in summary:
+            line += f", labels {summary['label_counts']}"
+        if "token_lengths" in summary:
+            pair = summary["token_lengths"]["pair"]
+            line += (f", pair tokens p50/p90/p99/max = {pair['p50']}/{pair['p90']}/{pair['p99']}/{pair['max']} "
+                     f"(model.max_length={cfg.model.max_length})")
+        print(line)
+    if artifacts.is_main_process():
+        artifacts.write_manifest(exp, cfg, "check")
+        artifacts.update_metrics(exp, "check", metrics)
+    return metrics
