@@ -115,16 +115,16 @@ def mark_done(folder: Path, state: dict[str, Any]) -> None:
 
 
 def check_state(folder: Path, expected: dict[str, Any], how_to_fix: str) -> bool:
-    """True when `folder` is finished with the same seed/config as `expected`; raise when it is finished with a
-    different one (mixing them would silently corrupt results); False when it is not finished."""
+    """True when `folder` is finished; False when it is absent or unfinished. Raises when it was started or
+    finished with a different setup than `expected` (mixing them would silently corrupt results)."""
     state = read_state(folder)
-    if not state or not state.get("done"):
+    if not state:
         return False
     changed = [k for k, v in expected.items() if state.get(k) != v]
     if changed:
         details = ", ".join(f"{k}: {state.get(k)!r} -> {expected[k]!r}" for k in changed)
         raise UserError(f"{folder} was made with a different setup ({details}); {how_to_fix}")
-    return True
+    return bool(state.get("done"))
 
 
 def git_commit() -> str | None:
@@ -158,3 +158,35 @@ def write_manifest(exp: Path, cfg: DictConfig, stage: str) -> None:
         "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     })
+
+
+def write_feature_table(path: str | Path, columns: dict[str, Any], matrices: dict[str, Any], dtype: str) -> None:
+    """Parquet with scalar columns plus fixed-width vector columns (one list per row) stored as `dtype`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {name: pa.array(np.asarray(values)) for name, values in columns.items()}
+    for name, matrix in matrices.items():
+        matrix = np.ascontiguousarray(matrix, dtype=dtype)
+        arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(arrays), tmp)
+
+
+def read_feature_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Inverse of `write_feature_table`: (scalar columns frame, {name: float32 matrix})."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    scalars, matrices = {}, {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(column.type):
+            width = column.type.list_size
+            matrices[name] = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+        else:
+            scalars[name] = column.to_numpy(zero_copy_only=False)
+    return pd.DataFrame(scalars), matrices

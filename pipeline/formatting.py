@@ -107,3 +107,10 @@ def tokenizer_fn(tokenizer) -> Callable[[list[str]], list[list[int]]]:
     def tokenize(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return tokenize
+
+
+def encode_frame(tokenizer, frame, model_cfg, swap: bool = False) -> list[EncodedPair]:
+    """Encode tidy rows (see pipeline.data) with the model's formatting settings; `swap` exchanges A and B."""
+    first, second = ("response_b", "response_a") if swap else ("response_a", "response_b")
+    return encode_pairs(tokenizer_fn(tokenizer), list(frame["prompt"]), list(frame[first]), list(frame[second]),
+                        model_cfg.max_length, model_cfg.prompt_max_fraction, model_cfg.truncation_side)
