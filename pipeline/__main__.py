@@ -12,9 +12,8 @@ from omegaconf import DictConfig
 from pipeline.errors import UserError
 
 STAGES = ("check", "finetune", "embed", "stack", "predict", "all")
-# The metric a sweep minimises, per stage: (metrics.json key, field).
-SWEEP_METRIC = {"finetune": ("finetune", "oof_logloss"), "stack": ("stack", "oof_logloss"),
-                "all": ("stack", "oof_logloss")}
+# The metric a sweep minimises, per stage: its path in the stage's returned metrics.
+SWEEP_METRIC = {"finetune": ("oof_logloss",), "stack": ("oof_logloss",), "all": ("stack", "oof_logloss")}
 log = logging.getLogger("pipeline")
 
 
@@ -35,10 +34,12 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    key = SWEEP_METRIC.get(cfg.stage)
-    if key and key[0] in metrics:
-        return float(metrics[key[0]][key[1]])
-    return None
+    value = metrics
+    for key in SWEEP_METRIC.get(cfg.stage, (None,)):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from sklearn.decomposition import PCA
 from pipeline import artifacts, folds, inputs, report
 from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
 from pipeline.errors import UserError
-from pipeline.features import PairInputs, feature_frame, text_inputs
+from pipeline.features import VECTOR_KINDS, PairInputs, feature_frame, text_inputs
 from pipeline.scoring import accuracy, logloss, prior_probs
 from pipeline.stages import embed as embed_stage
 
@@ -32,7 +32,6 @@ SUBMISSION = "submission.csv"
 @dataclass
 class CVResult:
     oof: np.ndarray                  # (n_train, 3)
-    test: np.ndarray | None          # (n_test, 3), mean over fold models
     per_fold: list[float]
     best_iterations: list[int]
     importance: pd.Series            # mean gain per feature
@@ -80,12 +79,11 @@ def predict(booster: lgb.Booster, reducer: PCA | None, pair: PairInputs, symmetr
     return probs
 
 
-def cross_validate(train: PairInputs, test: PairInputs | None, labels: np.ndarray, fold_of: np.ndarray,
-                   cfg: DictConfig, kinds: list[str]) -> CVResult:
+def cross_validate(train: PairInputs, labels: np.ndarray, fold_of: np.ndarray, cfg: DictConfig,
+                   kinds: list[str]) -> CVResult:
     params = {**OmegaConf.to_container(cfg.stack.lgbm, resolve=True), "seed": int(cfg.seed)}
     n_folds = int(fold_of.max()) + 1
     oof = np.zeros((len(labels), 3))
-    test_probs = []
     per_fold, best, importances, models = [], [], [], []
     for k in range(n_folds):
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
@@ -96,19 +94,26 @@ def cross_validate(train: PairInputs, test: PairInputs | None, labels: np.ndarra
                             valid_sets=[lgb.Dataset(x_va, y_va)],
                             callbacks=[lgb.early_stopping(cfg.stack.early_stopping_rounds, verbose=False)])
         oof[va] = predict(booster, reducer, take(train, va), cfg.stack.symmetric, kinds)
-        if test is not None:
-            test_probs.append(predict(booster, reducer, test, cfg.stack.symmetric, kinds))
         per_fold.append(logloss(labels[va], oof[va]))
         best.append(int(booster.best_iteration))
         importances.append(pd.Series(booster.feature_importance("gain"), index=booster.feature_name()))
         models.append((booster, reducer))
-    return CVResult(oof, np.mean(test_probs, axis=0) if test_probs else None, per_fold, best,
+    return CVResult(oof, per_fold, best,
                     pd.concat(importances, axis=1).mean(axis=1).sort_values(ascending=False), models)
 
 
-def stacker_inputs(frame: pd.DataFrame, matrices: dict[str, np.ndarray], cfg: DictConfig) -> PairInputs:
+def score_with_models(models: list[tuple], pair: PairInputs, symmetric: bool, kinds: list[str]) -> np.ndarray:
+    """Test probabilities: the mean over the fold models."""
+    return np.mean([predict(booster, reducer, pair, symmetric, kinds) for booster, reducer in models], axis=0)
+
+
+def vector_kinds(matrices: dict[str, np.ndarray]) -> list[str]:
+    return [k for k in VECTOR_KINDS if f"vec_{k}" in matrices]
+
+
+def stacker_inputs(frame: pd.DataFrame, matrices: dict[str, np.ndarray], stack_cfg: DictConfig) -> PairInputs:
     """The stacker's inputs for rows of `frame`, from the embed stage's feature table."""
-    use = cfg.stack.features
+    use = stack_cfg.features
     pair = text_inputs(frame) if use.text else PairInputs()
     if use.head:
         pair = replace(pair, head=matrices["head"], head_other=matrices["head_swapped"])
@@ -156,15 +161,11 @@ def run(cfg: DictConfig) -> dict:
     fold_of = fold_frame["fold"].to_numpy()
     labels = frame["label"].to_numpy()
     matrices = load_train_features(exp, frame, fold_frame)
-    kinds = [k for k in ("a", "b", "diff", "absdiff", "prod") if f"vec_{k}" in matrices]
-    test_matrices = test_features(exp, cfg, test) if test is not None else None
+    kinds = vector_kinds(matrices)
     artifacts.write_manifest(exp, cfg, "stack")
 
-    stacker = cross_validate(stacker_inputs(frame, matrices, cfg),
-                             stacker_inputs(test.frame, test_matrices, cfg) if test is not None else None,
-                             labels, fold_of, cfg, kinds)
-    length = cross_validate(text_inputs(frame), text_inputs(test.frame) if test is not None else None,
-                            labels, fold_of, cfg, kinds)
+    stacker = cross_validate(stacker_inputs(frame, matrices, cfg.stack), labels, fold_of, cfg, kinds)
+    length = cross_validate(text_inputs(frame), labels, fold_of, cfg, kinds)
     head_oof = (matrices["head"] + matrices["head_swapped"]) / 2 if cfg.finetune.swap_tta else matrices["head"]
     prior = np.zeros((len(labels), 3))
     for k in range(cfg.cv.n_folds):
@@ -186,8 +187,11 @@ def run(cfg: DictConfig) -> dict:
     single_run = out == exp / "stack"
     save(out, cfg, frame, fold_of, stacker)
     if test is not None:
+        test_probs = score_with_models(stacker.models, stacker_inputs(
+            test.frame, embed_stage.ensure_test_features(cfg, exp, test, inputs.data_paths(cfg)[1]), cfg.stack),
+            cfg.stack.symmetric, kinds)
         write_submission(exp / SUBMISSION if single_run else out / SUBMISSION, test.frame["id"].to_numpy(),
-                         stacker.test)
+                         test_probs)
     report.write(out, metrics, stacker.importance, labels, {"stacker": stacker.oof, "head": head_oof,
                                                            "length": length.oof})
     print(report.table(metrics))
@@ -196,18 +200,6 @@ def run(cfg: DictConfig) -> dict:
     else:
         artifacts.write_json(out / artifacts.METRICS_FILE, {"stack": metrics})
     return metrics
-
-
-def test_features(exp: Path, cfg: DictConfig, test) -> dict[str, np.ndarray]:
-    stage_dir = exp / "embed"
-    ft_states = embed_stage.finetune_fold_states(exp / "finetune", cfg.cv.n_folds)
-    folder = embed_stage.test_dir(stage_dir, inputs.data_paths(cfg)[1], embed_stage.embed_setup(cfg, ft_states))
-    path = folder / embed_stage.TEST_FEATURES
-    if not path.exists():
-        raise UserError(f"no embed features for data.test={test.source} ({path}); run stage=embed or stage=predict")
-    scalars, matrices = artifacts.read_feature_table(path)
-    order = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str)).loc[test.frame["id"]].to_numpy()
-    return {name: m[order] for name, m in matrices.items()}
 
 
 def save(out: Path, cfg: DictConfig, frame: pd.DataFrame, fold_of: np.ndarray, result: CVResult) -> None:
