@@ -80,7 +80,7 @@ def parse_turns(cell: Any) -> tuple[list[str], list[str]]:
     else:
         text = str(cell)
         try:
-            decoded = json.loads(text)
+            decoded = json.loads(text, strict=False)  # raw newlines inside strings, as Excel writes them
         except (json.JSONDecodeError, RecursionError):
             decoded = None
         if isinstance(decoded, list):
