@@ -1,7 +1,7 @@
 """One batched forward pass over encoded pairs: the head's logits and, optionally, pooled response vectors.
 
-Rows are sorted by length and packed into batches under a token budget, padded per batch (right padding, so
-positions match the unpadded row). The vectors come from a forward hook on one module's output, so only that
+Rows are sorted by length and packed into batches under a token budget, padded per batch (either side: the
+head pools the last non-pad token and spans are shifted by each row's offset). The vectors come from a forward hook on one module's output, so only that
 layer's hidden states are kept, and from the same pass that produces the logits.
 """
 from __future__ import annotations
@@ -40,15 +40,19 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | No
     return batches
 
 
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask."""
-    width = max(len(r) for r in rows)
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+              multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Padded input_ids, attention_mask, and each row's offset (where its first token landed)."""
+    width = -(-max(len(r) for r in rows) // multiple_of) * multiple_of
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = []
     for j, row in enumerate(rows):
-        ids[j, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        mask[j, : len(row)] = 1
-    return ids, mask
+        start = width - len(row) if side == "left" else 0
+        ids[j, start: start + len(row)] = torch.as_tensor(row, dtype=torch.long)
+        mask[j, start: start + len(row)] = 1
+        offsets.append(start)
+    return ids, mask, offsets
 
 
 def span_weights(spans: Sequence[tuple[int, int]], width: int, pooling: str) -> torch.Tensor:
@@ -67,6 +71,10 @@ def span_weights(spans: Sequence[tuple[int, int]], width: int, pooling: str) -> 
     return weights
 
 
+def shift(span: tuple[int, int], offset: int) -> tuple[int, int]:
+    return span[0] + offset, span[1] + offset
+
+
 def capture_module(model, layer: int):
     """The module whose output is the hidden state to pool: the final norm for -1, else decoder layer `layer`."""
     backbone = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
@@ -76,7 +84,7 @@ def capture_module(model, layer: int):
 @torch.inference_mode()
 def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_tokens: int, on: torch.device,
                  dtype: torch.dtype, pool_layer: int | None = None, pooling: str = "mean",
-                 desc: str | None = None) -> PassOutput:
+                 padding_side: str = "right", desc: str | None = None) -> PassOutput:
     """Logits for every row and, when `pool_layer` is given, mean/last-pooled response_a and response_b vectors."""
     n = len(encoded)
     logits = np.zeros((n, 3), dtype=np.float32)
@@ -90,7 +98,7 @@ def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_token
     try:
         batches = length_batches([len(e.input_ids) for e in encoded], batch_tokens)
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            ids, mask = pad_batch([encoded[i].input_ids for i in batch], pad_id)
+            ids, mask, offsets = pad_batch([encoded[i].input_ids for i in batch], pad_id, padding_side)
             captured.clear()
             with torch.autocast(device_type=on.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = model(input_ids=ids.to(on), attention_mask=mask.to(on))
@@ -101,8 +109,8 @@ def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_token
                     vec_a = np.zeros((n, hidden.shape[-1]), dtype=np.float32)
                     vec_b = np.zeros_like(vec_a)
                 width = hidden.shape[1]
-                for spans, target in (([encoded[i].span_a for i in batch], vec_a),
-                                      ([encoded[i].span_b for i in batch], vec_b)):
+                for spans, target in (([shift(encoded[i].span_a, o) for i, o in zip(batch, offsets)], vec_a),
+                                      ([shift(encoded[i].span_b, o) for i, o in zip(batch, offsets)], vec_b)):
                     weights = span_weights(spans, width, pooling).to(hidden.device)
                     target[batch] = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1).cpu().numpy()
     finally:

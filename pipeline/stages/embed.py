@@ -35,7 +35,7 @@ def pooled_features(model, encoded: list[EncodedPair], swapped: list[EncodedPair
     """Head probabilities of both orientations and response vectors, all in the original A/B orientation."""
     def one_pass(rows: list[EncodedPair]) -> PassOutput:
         return forward_pass(model, rows, pad_id, cfg.embed.batch_tokens, on, dtype, pool_layer=cfg.embed.layer,
-                            pooling=cfg.embed.pooling)
+                            pooling=cfg.embed.pooling, padding_side=cfg.embed.padding_side)
 
     first = one_pass(encoded)
     out = {"head": softmax(first.logits), "vec_a": first.vec_a, "vec_b": first.vec_b}

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import artifacts, folds, inputs, modeling
 from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
 from pipeline.formatting import EncodedPair, encode_frame
-from pipeline.inference import forward_pass, softmax
+from pipeline.inference import forward_pass, pad_batch, softmax
 from pipeline.scoring import accuracy, logloss, prior_probs
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,9 @@ class PaddingCollator:
         self.padded_tokens = 0
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(r["input_ids"]) for r in rows]
-        width = -(-max(lengths) // self.multiple_of) * self.multiple_of
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            ids[j, : lengths[j]] = torch.as_tensor(row["input_ids"])
-            mask[j, : lengths[j]] = 1
-        self.real_tokens += sum(lengths)
-        self.padded_tokens += width * len(rows)
+        ids, mask, _ = pad_batch([r["input_ids"] for r in rows], self.pad_id, multiple_of=self.multiple_of)
+        self.real_tokens += int(mask.sum())
+        self.padded_tokens += mask.numel()
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)}
 

@@ -1,0 +1,105 @@
+"""Fine-tune stage on the tiny random Llama: what trains, leak-free OOF, resume, config-change detection."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import artifacts, inputs, modeling
+from pipeline.errors import UserError
+from pipeline.formatting import EncodedPair, encode_frame
+from pipeline.stages import finetune
+
+
+def tiny_setup(cfg):
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    frame = inputs.load_train(cfg).frame
+    return source, tokenizer, frame
+
+
+def test_adapter_and_head_change_base_does_not(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("finetune.max_steps=3", "finetune.learning_rate=1e-2")
+    source, tokenizer, frame = tiny_setup(cfg)
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    rows = finetune.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(40), False)
+    on, dtype = torch.device("cpu"), torch.float32
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # train_fold seeds fold 0 the same way, so both start from identical weights
+    reference = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, dtype, on), cfg.model,
+                                  cfg.finetune.lora, False)
+    before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    model, stats = finetune.train_fold(cfg, 0, tmp_path / "fold_0", source, tokenizer, rows, on, dtype)
+    after = dict(model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    assert any("lora_B" in n for n in changed) and any("modules_to_save" in n and "score" in n for n in changed)
+    assert changed <= trainable  # frozen base weights unchanged
+    assert all("lora_" in n or "score" in n for n in trainable)
+    assert stats["train_tokens"] > 0 and 0 <= stats["padding_waste"] < 1
+
+
+def test_swap_augmentation_flips_labels():
+    enc = [EncodedPair([1, 2], (0, 1), (1, 2), 0), EncodedPair([3], (0, 1), (1, 1), 0),
+           EncodedPair([4], (0, 1), (1, 1), 0)]
+    swp = [EncodedPair([9, 9], (0, 1), (1, 2), 0)] * 3
+    rows = finetune.training_rows(enc, swp, np.array([0, 1, 2]), np.array([0, 1, 2]), True)
+    assert [r["labels"] for r in rows] == [0, 1, 2, 1, 0, 2]
+    assert rows[3]["input_ids"] == [9, 9]
+    assert len(finetune.training_rows(enc, swp, np.array([0, 1, 2]), np.array([2]), False)) == 1
+
+
+def test_oof_covers_every_id_once_and_excludes_training_rows(tiny_experiment):
+    cfg, exp, metrics = tiny_experiment
+    oof = pd.read_parquet(exp / "finetune" / "oof.parquet")
+    folds = pd.read_parquet(exp / "folds.parquet")
+    assert oof["id"].is_unique and set(oof["id"]) == set(folds["id"])
+    assert (oof.set_index("id").loc[folds["id"], "fold"].to_numpy() == folds["fold"].to_numpy()).all()
+    np.testing.assert_allclose(oof[["winner_model_a", "winner_model_b", "winner_tie"]].sum(axis=1), 1, rtol=1e-5)
+    for k in range(cfg.cv.n_folds):
+        state = artifacts.read_state(exp / "finetune" / f"fold_{k}")
+        assert state["done"] and k not in state["train_folds"] and state["seed"] == cfg.seed
+        assert (exp / "finetune" / f"fold_{k}" / "adapter" / "adapter_model.safetensors").exists()
+    ft = metrics["finetune"]
+    assert {"oof_logloss", "per_fold", "tokens_per_s", "padding_waste", "train_seconds"} <= set(ft)
+    assert len(ft["per_fold"]) == cfg.cv.n_folds
+
+
+def test_rerun_skips_finished_folds(tiny_experiment, monkeypatch):
+    cfg, exp, metrics = tiny_experiment
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished fold was retrained")
+
+    monkeypatch.setattr(finetune, "train_fold", must_not_train)
+    again = finetune.run(cfg)
+    assert again["oof_logloss"] == pytest.approx(metrics["finetune"]["oof_logloss"])
+
+
+def test_config_change_is_reported_not_mixed(tiny_experiment):
+    cfg, exp, _ = tiny_experiment
+    changed = cfg.copy()
+    changed.finetune.learning_rate = 0.123
+    with pytest.raises(UserError, match="fold_0 was made with a different setup .*config_hash"):
+        finetune.run(changed)
+    reseeded = cfg.copy()
+    reseeded.seed = cfg.seed + 1
+    with pytest.raises(UserError, match="seed"):
+        finetune.run(reseeded)
+
+
+def test_killed_fold_resumes_from_trainer_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("finetune.max_steps=4", "finetune.save_steps=2")
+    source, tokenizer, frame = tiny_setup(cfg)
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    rows = finetune.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(len(frame)), False)
+    on, dtype = torch.device("cpu"), torch.float32
+    fold_dir = tmp_path / "fold_0"
+    _, first = finetune.train_fold(cfg, 0, fold_dir, source, tokenizer, rows, on, dtype)
+    assert first["resumed_from"] is None
+    cfg.finetune.max_steps = 6  # the "rest of the run" after a kill at step 4
+    _, second = finetune.train_fold(cfg, 0, fold_dir, source, tokenizer, rows, on, dtype)
+    assert second["resumed_from"].endswith("checkpoint-4")
+    assert second["train_rows"] == len(rows)
