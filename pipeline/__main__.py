@@ -26,9 +26,6 @@ def run_stage(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # load reports for the new `score` head are expected noise
     try:
         metrics = run_stage(cfg)
     except UserError as exc:

@@ -84,7 +84,7 @@ def capture_module(model, layer: int):
 @torch.inference_mode()
 def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_tokens: int, on: torch.device,
                  dtype: torch.dtype, pool_layer: int | None = None, pooling: str = "mean",
-                 padding_side: str = "right", desc: str | None = None) -> PassOutput:
+                 padding_side: str = "right", max_rows: int | None = None, desc: str | None = None) -> PassOutput:
     """Logits for every row and, when `pool_layer` is given, mean/last-pooled response_a and response_b vectors."""
     n = len(encoded)
     logits = np.zeros((n, 3), dtype=np.float32)
@@ -96,7 +96,7 @@ def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_token
             captured.append(output[0] if isinstance(output, tuple) else output)
         handle = capture_module(model, pool_layer).register_forward_hook(keep_output)
     try:
-        batches = length_batches([len(e.input_ids) for e in encoded], batch_tokens)
+        batches = length_batches([len(e.input_ids) for e in encoded], batch_tokens, max_rows)
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
             ids, mask, offsets = pad_batch([encoded[i].input_ids for i in batch], pad_id, padding_side)
             captured.clear()

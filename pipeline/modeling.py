@@ -189,6 +189,8 @@ def load_classifier(source: Path | str, model_cfg: DictConfig, tokenizer, dtype:
     """The base model with a fresh 3-class `score` head; pad id set so the head pools the right token."""
     from transformers import AutoModelForSequenceClassification
 
+    # The load report only says that `score` is new and `lm_head` unused: expected, so not shown.
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     quant = quantization_config(model_cfg, dtype)
     kwargs = dict(num_labels=NUM_LABELS, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
                   local_files_only=bool(model_cfg.local_files_only), pad_token_id=tokenizer.pad_token_id)
