@@ -146,11 +146,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(exp: Path, cfg: DictConfig, stage: str) -> None:
-    """Record how a stage was run: resolved config, seed, versions, commit, command line."""
+def write_manifest(folder: Path, cfg: DictConfig, stage: str) -> None:
+    """Record how a stage was run (resolved config, seed, versions, commit, command line) in folder/manifests/."""
     if not is_main_process():
         return
-    write_json(exp / "manifests" / f"{stage}.json", {
+    write_json(folder / "manifests" / f"{stage}.json", {
         "stage": stage,
         "seed": int(cfg.seed),
         "argv": sys.argv,

