@@ -22,3 +22,11 @@ def prior_probs(train_labels: np.ndarray, n: int) -> np.ndarray:
     prior = np.bincount(train_labels, minlength=3).astype(np.float64)
     prior /= prior.sum()
     return np.tile(prior, (n, 1))
+
+
+def fold_prior(labels: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
+    """Per row, the class prior of the other folds: what a model trained without that row's fold would know."""
+    prior = np.zeros((len(labels), 3))
+    for k in np.unique(fold_of):
+        prior[fold_of == k] = prior_probs(labels[fold_of != k], int((fold_of == k).sum()))
+    return prior

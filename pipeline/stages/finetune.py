@@ -21,7 +21,7 @@ from pipeline import artifacts, folds, inputs, modeling
 from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
 from pipeline.formatting import EncodedPair, encode_frame
 from pipeline.inference import forward_pass, pad_batch, softmax
-from pipeline.scoring import accuracy, logloss, prior_probs
+from pipeline.scoring import accuracy, fold_prior, logloss
 
 log = logging.getLogger(__name__)
 # Settings that change how a run is operated, not what it learns: changing them keeps finished folds valid.
@@ -204,9 +204,7 @@ def summarise(oof: pd.DataFrame, labels: np.ndarray, fold_of: np.ndarray, stage_
     probs = oof[list(LABEL_COLUMNS)].to_numpy()
     states = [artifacts.read_state(stage_dir / f"fold_{k}") for k in range(n_folds)]
     stats = [s["stats"] for s in states]
-    prior = np.zeros_like(probs)
-    for k in range(n_folds):  # the prior a model trained on the other folds would predict
-        prior[fold_of == k] = prior_probs(labels[fold_of != k], int((fold_of == k).sum()))
+    prior = fold_prior(labels, fold_of)
     seconds = sum(s["train_seconds"] for s in stats)
     return {
         "oof_logloss": logloss(labels, probs),

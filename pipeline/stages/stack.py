@@ -22,7 +22,7 @@ from pipeline import artifacts, folds, inputs, report
 from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
 from pipeline.errors import UserError
 from pipeline.features import VECTOR_KINDS, PairInputs, feature_frame, text_inputs
-from pipeline.scoring import accuracy, logloss, prior_probs
+from pipeline.scoring import accuracy, fold_prior, logloss
 from pipeline.stages import embed as embed_stage
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,7 @@ def run(cfg: DictConfig) -> dict:
     stacker = cross_validate(stacker_inputs(frame, matrices, cfg.stack), labels, fold_of, cfg, kinds)
     length = cross_validate(text_inputs(frame), labels, fold_of, cfg, kinds)
     head_oof = (matrices["head"] + matrices["head_swapped"]) / 2 if cfg.finetune.swap_tta else matrices["head"]
-    prior = np.zeros((len(labels), 3))
-    for k in range(cfg.cv.n_folds):
-        prior[fold_of == k] = prior_probs(labels[fold_of != k], int((fold_of == k).sum()))
+    prior = fold_prior(labels, fold_of)
 
     metrics = {
         "oof_logloss": logloss(labels, stacker.oof),
