@@ -56,7 +56,7 @@ def test_later_stage_before_earlier_one(tmp_path):
 def test_check_on_demo_data_writes_metrics(tmp_path):
     result = run_cli("stage=check", "model=tiny", "exp_name=c", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "check train: 240 rows" in result.stdout
+    assert "check train: 160 rows" in result.stdout
     import json
 
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
