@@ -128,10 +128,13 @@ def parse_label(row_id: str, values: dict[str, Any], source: str) -> tuple[int, 
 
 
 def normalise_id(raw: Any) -> str:
-    """Ids are kept as text: `123`, `123.0` (pandas float upcast) and "123" all become "123"."""
+    """Ids are kept as text, exactly (" 5" and "5" are different ids); a float that pandas upcast from an integer
+    column (`123.0`) becomes "123". A missing id becomes "" (reported by the caller with its row)."""
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)) or raw is pd.NA:
+        return ""
     if isinstance(raw, float) and raw.is_integer():
         return str(int(raw))
-    return str(raw).strip()
+    return str(raw)
 
 
 def parse_frame(raw: pd.DataFrame, source: str, with_labels: bool) -> PairData:
@@ -145,8 +148,8 @@ def parse_frame(raw: pd.DataFrame, source: str, with_labels: bool) -> PairData:
         raise UserError(f"{source}: no rows")
     ids = [normalise_id(v) for v in raw["id"].tolist()]
     for position, row_id in enumerate(ids):
-        if row_id == "" or row_id.lower() == "nan":
-            raise UserError(f"{source}: row {position + 2}: empty id")
+        if row_id.strip() == "":
+            raise UserError(f"{source}: row {position + 2}: empty or null id")
     duplicated = pd.Series(ids)[pd.Series(ids).duplicated()]
     if len(duplicated):
         raise UserError(f"{source}: duplicate id {duplicated.iloc[0]} ({duplicated.nunique()} duplicated ids in all)")
@@ -173,6 +176,10 @@ def parse_frame(raw: pd.DataFrame, source: str, with_labels: bool) -> PairData:
             n_repaired += 1
             repairs.update(row_repairs)
     frame = pd.DataFrame({"id": pd.Series(ids, dtype=object), **columns, "label": np.asarray(labels, dtype=np.int64)})
+    # Other columns (model_a, source, ...) ride along as text: cv.group_by may name one.
+    for column in raw.columns:
+        if column not in frame.columns and column not in LABEL_COLUMNS:
+            frame[column] = raw[column].astype(str).to_numpy()
     return PairData(frame=frame, source=source, n_repaired=n_repaired, repairs=dict(sorted(repairs.items())))
 
 

@@ -26,15 +26,34 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, n_folds: int, seed: int
     if n_folds < 2:
         raise UserError(f"cv.n_folds={n_folds}: need at least 2 folds")
     if n_groups < n_folds:
-        raise UserError(f"cv.n_folds={n_folds} but the data has only {n_groups} distinct prompts; lower cv.n_folds")
+        raise UserError(f"cv.n_folds={n_folds} but the data has only {n_groups} distinct groups; lower cv.n_folds")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     folds = np.full(len(labels), -1, dtype=np.int64)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        folds[held_out] = fold
+    try:
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            folds[held_out] = fold
+    except ValueError as exc:  # e.g. a class with fewer rows than folds
+        raise UserError(f"cannot split the train file into cv.n_folds={n_folds} folds ({exc}); add rows or lower "
+                        "cv.n_folds") from None
+    empty = sorted(set(range(n_folds)) - set(folds.tolist()))
+    if empty:
+        raise UserError(f"cv.n_folds={n_folds}: folds {empty} got no rows with these groups; lower cv.n_folds")
     return folds
 
 
-def load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+def group_keys(frame: pd.DataFrame, group_by: str) -> np.ndarray:
+    """Group key per row: identical prompts (`prompt`), or equal values of any column of the input file (e.g.
+    `source`, so a whole source can be held out)."""
+    if group_by == "prompt":
+        return prompt_groups(frame["prompt"])
+    if group_by not in frame.columns:
+        extra = [c for c in frame.columns if c not in ("id", "prompt", "response_a", "response_b", "label")]
+        raise UserError(f"cv.group_by={group_by}: the train file has no column {group_by!r} "
+                        f"(use prompt{', or one of ' + ', '.join(extra) if extra else ''})")
+    return pd.factorize(frame[group_by].astype(str))[0]
+
+
+def load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int, group_by: str = "prompt") -> pd.DataFrame:
     """Return (id, fold) for `frame`, creating `folds.parquet` on first use and checking it afterwards."""
     path = exp / FOLDS_FILE
     if path.exists():
@@ -46,7 +65,7 @@ def load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int) -> p
                 f"({len(folds)} rows, {folds['fold'].nunique()} folds; now {len(frame)} rows, {n_folds} folds); "
                 "use a new exp_name or delete the experiment folder")
         return folds.set_index("id").loc[frame["id"]].reset_index()
-    fold = assign_folds(frame["label"].to_numpy(), prompt_groups(frame["prompt"]), n_folds, seed)
+    fold = assign_folds(frame["label"].to_numpy(), group_keys(frame, group_by), n_folds, seed)
     folds = pd.DataFrame({"id": frame["id"].astype(str).to_numpy(), "fold": fold})
     if artifacts.is_main_process():
         artifacts.write_parquet(path, folds)

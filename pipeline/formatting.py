@@ -23,6 +23,7 @@ class EncodedPair:
     span_a: tuple[int, int]   # [start, end) of response_a's tokens in input_ids
     span_b: tuple[int, int]
     n_truncated: int          # tokens cut from the three segments together
+    span_prompt: tuple[int, int] = (0, 0)
 
 
 def segment_text(turns: Sequence[str]) -> str:
@@ -86,7 +87,7 @@ def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_i
         ids += segment
         spans.append((start, len(ids)))
     ids += marker_ids[3]
-    return EncodedPair(ids, spans[1], spans[2], n_truncated=sum(lengths) - sum(budgets))
+    return EncodedPair(ids, spans[1], spans[2], n_truncated=sum(lengths) - sum(budgets), span_prompt=spans[0])
 
 
 def encode_pairs(tokenize: Callable[[list[str]], list[list[int]]], prompts: Sequence[Sequence[str]],

@@ -1,12 +1,13 @@
-"""One batched forward pass over encoded pairs: the head's logits and, optionally, pooled response vectors.
+"""One batched forward pass over encoded pairs: the head's logits and, optionally, pooled span vectors.
 
 Rows are sorted by length and packed into batches under a token budget, padded per batch (either side: the
-head pools the last non-pad token and spans are shifted by each row's offset). The vectors come from a forward hook on one module's output, so only that
-layer's hidden states are kept, and from the same pass that produces the logits.
+head pools the last non-pad token and spans are shifted by each row's offset). The vectors come from forward
+hooks on the captured layers, so only those layers' hidden states are kept, and from the same pass that
+produces the logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -16,11 +17,13 @@ from tqdm.auto import tqdm
 from pipeline.formatting import EncodedPair
 
 
+SPANS = ("prompt", "a", "b", "verdict")  # pooled per captured layer; verdict = the row's last token (sees all)
+
+
 @dataclass
 class PassOutput:
-    logits: np.ndarray                 # (n, 3) float32
-    vec_a: np.ndarray | None = None    # (n, hidden) float32, response_a span pooled
-    vec_b: np.ndarray | None = None
+    logits: np.ndarray                                               # (n, 3) float32
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)     # "{layer}_{span}" -> (n, hidden) float32
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
@@ -75,26 +78,50 @@ def shift(span: tuple[int, int], offset: int) -> tuple[int, int]:
     return span[0] + offset, span[1] + offset
 
 
-def capture_module(model, layer: int):
-    """The module whose output is the hidden state to pool: the final norm for -1, else decoder layer `layer`."""
-    backbone = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    return backbone.norm if layer == -1 else backbone.layers[layer]
+def decoder_depth(model) -> int:
+    return len(backbone(model).layers)
+
+
+def backbone(model):
+    return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+
+
+def layer_name(fraction: float) -> str:
+    """Name of a captured layer given as a fraction of depth: 1.0 -> h100 (the head's input), 0.5 -> h050."""
+    return f"h{round(float(fraction) * 100):03d}"
+
+
+def capture_module(model, fraction: float):
+    """The module whose output is the hidden state at `fraction` of the depth: the final norm for 1.0 (what the
+    head reads), else the output of decoder layer round(fraction * depth) - 1. Fractions carry over between
+    models of different depth (SmolLM2's 30 layers, Llama-3-8B's 32)."""
+    fraction = float(fraction)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"layer fraction {fraction} is not in (0, 1]")
+    body = backbone(model)
+    if fraction == 1.0:
+        return body.norm
+    return body.layers[max(0, round(fraction * len(body.layers)) - 1)]
 
 
 @torch.inference_mode()
 def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_tokens: int, on: torch.device,
-                 dtype: torch.dtype, pool_layer: int | None = None, pooling: str = "mean",
+                 dtype: torch.dtype, layers: Sequence[float] = (), pooling: str = "mean",
                  padding_side: str = "right", max_rows: int | None = None, desc: str | None = None) -> PassOutput:
-    """Logits for every row and, when `pool_layer` is given, mean/last-pooled response_a and response_b vectors."""
+    """Logits for every row and, for each layer fraction in `layers`, the prompt / response_a / response_b spans
+    pooled (mean or last token) and the verdict vector (the last token), all from the same pass: forward hooks
+    keep only the captured layers' outputs."""
     n = len(encoded)
     logits = np.zeros((n, 3), dtype=np.float32)
-    vec_a = vec_b = None
-    captured: list[torch.Tensor] = []
-    handle = None
-    if pool_layer is not None:
-        def keep_output(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-        handle = capture_module(model, pool_layer).register_forward_hook(keep_output)
+    vectors: dict[str, np.ndarray] = {}
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for fraction in layers:
+        name = layer_name(fraction)
+
+        def keep_output(_module, _inputs, output, name=name):
+            captured[name] = output[0] if isinstance(output, tuple) else output
+        handles.append(capture_module(model, fraction).register_forward_hook(keep_output))
     try:
         batches = length_batches([len(e.input_ids) for e in encoded], batch_tokens, max_rows)
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
@@ -103,20 +130,28 @@ def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_token
             with torch.autocast(device_type=on.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = model(input_ids=ids.to(on), attention_mask=mask.to(on))
             logits[batch] = out.logits.float().cpu().numpy()
-            if pool_layer is not None:
-                hidden = captured[0].float()
-                if vec_a is None:
-                    vec_a = np.zeros((n, hidden.shape[-1]), dtype=np.float32)
-                    vec_b = np.zeros_like(vec_a)
-                width = hidden.shape[1]
-                for spans, target in (([shift(encoded[i].span_a, o) for i, o in zip(batch, offsets)], vec_a),
-                                      ([shift(encoded[i].span_b, o) for i, o in zip(batch, offsets)], vec_b)):
-                    weights = span_weights(spans, width, pooling).to(hidden.device)
-                    target[batch] = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1).cpu().numpy()
+            if not captured:
+                continue
+            width = ids.shape[1]
+            rows = [encoded[i] for i in batch]
+            span_sets = [[shift(r.span_prompt, o) for r, o in zip(rows, offsets)],
+                         [shift(r.span_a, o) for r, o in zip(rows, offsets)],
+                         [shift(r.span_b, o) for r, o in zip(rows, offsets)],
+                         [(o + len(r.input_ids) - 1, o + len(r.input_ids)) for r, o in zip(rows, offsets)]]
+            # (batch, spans, width): one batched matmul per layer pools every span at once.
+            weights = torch.stack([span_weights(spans, width, pooling if s < 3 else "last")
+                                   for s, spans in enumerate(span_sets)], dim=1)
+            for name, hidden in captured.items():
+                pooled = torch.bmm(weights.to(hidden.device), hidden.float()).cpu().numpy()
+                for s, span in enumerate(SPANS):
+                    key = f"{name}_{span}"
+                    if key not in vectors:
+                        vectors[key] = np.zeros((n, pooled.shape[-1]), dtype=np.float32)
+                    vectors[key][batch] = pooled[:, s]
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
-    return PassOutput(logits, vec_a, vec_b)
+    return PassOutput(logits, vectors)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from pipeline import demo_data
 from pipeline.data import PairData, load_pairs
+from pipeline.errors import UserError
 
 
 def data_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -21,6 +22,19 @@ def data_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 def load_train(cfg: DictConfig) -> PairData:
     return load_pairs(data_paths(cfg)[0], with_labels=True)
+
+
+def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:
+    """`data.extra`: labelled rows that only ever join the fine-tune's training sets (never scored, never in a
+    CV metric). An id shared with data.train would blur that line, so it is refused."""
+    if cfg.data.extra is None:
+        return None
+    extra = load_pairs(Path(cfg.data.extra), with_labels=True)
+    shared = set(extra.frame["id"]) & set(train.frame["id"])
+    if shared:
+        raise UserError(f"{cfg.data.extra}: {len(shared)} ids also in data.train (first {sorted(shared)[0]}); "
+                        "extra rows must be other rows")
+    return extra
 
 
 def load_test(cfg: DictConfig) -> PairData | None:

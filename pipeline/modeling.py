@@ -230,10 +230,22 @@ def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkp
 def load_with_adapter(source: Path | str, model_cfg: DictConfig, tokenizer, adapter_dir: Path, dtype: torch.dtype,
                       on: torch.device):
     """Base model + one fold's trained adapter and head, ready for inference."""
+    return attach_adapter(load_classifier(source, model_cfg, tokenizer, dtype, on), adapter_dir, "default")
+
+
+def attach_adapter(model, adapter_dir: Path, name: str):
+    """Load `adapter_dir` (LoRA + its `score` head) as adapter `name` and make it the active one. On a model that
+    already carries adapters the base stays loaded: folds swap adapters instead of reloading the base."""
     from peft import PeftModel
 
-    base = load_classifier(source, model_cfg, tokenizer, dtype, on)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    if isinstance(model, PeftModel):
+        previous = model.active_adapter
+        model.load_adapter(str(adapter_dir), adapter_name=name)
+        model.set_adapter(name)
+        if previous != name:
+            model.delete_adapter(previous)
+    else:
+        model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
     model.eval()
     return model
 
@@ -241,3 +253,29 @@ def load_with_adapter(source: Path | str, model_cfg: DictConfig, tokenizer, adap
 def autocast(on: torch.device, dtype: torch.dtype):
     """bf16/fp16 autocast where it applies; a no-op context for fp32."""
     return torch.autocast(device_type=on.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def verdict_token_rows(model, tokenizer, source: Path | str, words: list[str]) -> torch.Tensor:
+    """The LM's output-embedding rows of the verdict words' first tokens: h . row is the LM's own logit for that
+    word after the verdict marker. Tied models (SmolLM2) share them with the input embeddings; untied ones keep
+    `lm_head.weight` in the checkpoint, which the classifier does not load, so it is read from the safetensors."""
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
+    if not getattr(model.config, "tie_word_embeddings", False) and Path(str(source)).is_dir():
+        from safetensors import safe_open
+
+        for shard in sorted(Path(str(source)).glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                if "lm_head.weight" in handle.keys():
+                    return handle.get_slice("lm_head.weight")[ids].float()
+        log.warning("no lm_head.weight in %s: the head starts from the input embeddings of %s", source, words)
+    return model.get_input_embeddings().weight[ids].detach().float()
+
+
+def init_head_from_verdict_tokens(model, tokenizer, source: Path | str, words: list[str]) -> None:
+    """Start the `score` head (3 x hidden, no bias) at the LM's logits for the verdict words (e.g. " A", " B",
+    " tie"), centred so only their differences count: the head begins from the LM's own notion of the answer
+    instead of noise."""
+    rows = verdict_token_rows(model, tokenizer, source, words)
+    rows = rows - rows.mean(dim=0, keepdim=True)
+    with torch.no_grad():
+        model.score.weight.copy_(rows.to(model.score.weight.dtype))

@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
     train = inputs.load_train(cfg)
     test = inputs.load_test(cfg)
     # Folds are assigned here when they do not exist yet, which also checks cv.n_folds against the data.
-    fold_frame = folds.load_or_create(exp, train.frame, cfg.cv.n_folds, cfg.seed)
+    fold_frame = folds.load_or_create(exp, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
     tokenizer = cheap_tokenizer(cfg)
     metrics = {"train": summarise(train, tokenizer, cfg.model.max_length)}
     metrics["train"]["fold_sizes"] = fold_frame["fold"].value_counts().sort_index().astype(int).tolist()

@@ -1,9 +1,11 @@
 """stage=finetune: K-fold LoRA fine-tune of a sequence classifier with leak-free out-of-fold predictions.
 
-For each fold k: train a LoRA adapter (+ the full `score` head) on the other folds with the HF Trainer, score the
-held-out fold k (both A/B orientations when swap TTA is on), save `finetune/fold_k/` and mark it done. Finished
-folds are skipped on re-runs; an unfinished fold resumes from its last Trainer checkpoint; a fold made with a
-different setup is reported, never mixed in.
+For each fold k: train a LoRA adapter (+ the full `score` head, optionally started from the LM's verdict-word
+embeddings and trained at its own learning rate) on the other folds (plus any `data.extra` rows) with the HF
+Trainer, then score the held-out fold k in eval mode. That scoring pass is the embed pass: the same forward pass
+gives the head's OOF probabilities and the pooled vectors the stacker reads, written as `embed/fold_k/`, so
+stage=embed has nothing left to redo. Finished folds are skipped on re-runs; an unfinished fold resumes from its
+last Trainer checkpoint; a fold made with a different setup is reported, never mixed in.
 """
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, folds, inputs, modeling
-from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
+from pipeline import artifacts, extraction, folds, inputs, modeling
+from pipeline.data import LABEL_COLUMNS, swap_label
+from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair, encode_frame
-from pipeline.inference import forward_pass, pad_batch, softmax
+from pipeline.inference import pad_batch
 from pipeline.scoring import accuracy, fold_prior, logloss
 
 log = logging.getLogger(__name__)
 # Settings that change how a run is operated, not what it learns: changing them keeps finished folds valid.
-OPERATIONAL_KEYS = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "eval_batch_tokens",
-                    "deepspeed")
+OPERATIONAL_KEYS = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "deepspeed", "folds")
 HOW_TO_FIX = "use a new exp_name, or delete that folder to retrain it"
 
 
@@ -51,7 +53,32 @@ class PaddingCollator:
         return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
-def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair], labels: np.ndarray,
+def head_lr_trainer(head_learning_rate: float | None):
+    """A Trainer whose optimizer gives the `score` head its own learning rate (a fresh head wants a larger step
+    than the LoRA adapters); the scheduler then scales both groups alike."""
+    from transformers import Trainer
+
+    class HeadLRTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            if not head_learning_rate:
+                return optimizer
+            head = {id(p) for n, p in (model or self.model).named_parameters() if "score" in n and p.requires_grad}
+            head_groups = []
+            for group in optimizer.param_groups:
+                params = [p for p in group["params"] if id(p) in head]
+                if params:
+                    group["params"] = [p for p in group["params"] if id(p) not in head]
+                    head_groups.append({**group, "params": params, "lr": head_learning_rate})
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            for group in head_groups:
+                optimizer.add_param_group(group)
+            return optimizer
+
+    return HeadLRTrainer
+
+
+def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair] | None, labels: np.ndarray,
                   index: np.ndarray, swap_augmentation: bool) -> list[dict]:
     """Trainer rows for `index`; with swap augmentation each row also appears A/B-swapped with its label swapped."""
     rows = [{"input_ids": encoded[i].input_ids, "labels": int(labels[i])} for i in index]
@@ -60,22 +87,13 @@ def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair], labels
     return rows
 
 
-def predict_probs(model, encoded: list[EncodedPair], swapped: list[EncodedPair] | None, pad_id: int,
-                  batch_tokens: int, on: torch.device, dtype: torch.dtype) -> np.ndarray:
-    """Head probabilities; with `swapped` (swap TTA) averaged with the mirrored swapped-orientation ones."""
-    probs = softmax(forward_pass(model, encoded, pad_id, batch_tokens, on, dtype).logits)
-    if swapped is not None:
-        probs = (probs + swap_probabilities(softmax(forward_pass(model, swapped, pad_id, batch_tokens, on,
-                                                                 dtype).logits))) / 2
-    return probs
-
-
-def fold_setup(cfg: DictConfig, data_fingerprint: str | None) -> dict:
+def fold_setup(cfg: DictConfig, data_fingerprint: str | None, extra_fingerprint: str | None) -> dict:
     """What a finished fold must agree with to be reused (seed checked on resume)."""
     learned = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
                if k not in OPERATIONAL_KEYS}
-    return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds), "data": data_fingerprint,
-            "config_hash": artifacts.config_hash({"model": cfg.model, "finetune": learned})}
+    return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds), "data": data_fingerprint, "extra": extra_fingerprint,
+            "config_hash": artifacts.config_hash({"model": cfg.model, "finetune": learned,
+                                                  "cv_group_by": cfg.cv.group_by})}
 
 
 def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torch.dtype, on: torch.device):
@@ -92,6 +110,7 @@ def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torc
         weight_decay=ft.weight_decay,
         warmup_steps=ft.warmup_ratio,
         lr_scheduler_type=ft.lr_scheduler,
+        label_smoothing_factor=ft.label_smoothing,
         logging_steps=ft.logging_steps,
         save_strategy="steps",
         save_steps=ft.save_steps,
@@ -114,19 +133,21 @@ def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torc
 def train_fold(cfg: DictConfig, k: int, fold_dir: Path, source, tokenizer, rows: list[dict], on: torch.device,
                dtype: torch.dtype) -> tuple[object, dict]:
     """Train fold k's adapter and head with the Trainer, resuming from its last checkpoint if one exists."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     seed = int(cfg.seed) + k
     set_seed(seed)  # also seeds the fresh `score` head
     model = modeling.load_classifier(source, cfg.model, tokenizer, dtype, on)
+    if cfg.finetune.head_init == "verdict_tokens":
+        modeling.init_head_from_verdict_tokens(model, tokenizer, source, list(cfg.finetune.verdict_words))
     model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
     checkpoints = fold_dir / "checkpoints"
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         log.info("fold %d: resuming from %s", k, resume)
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1)
-    trainer = Trainer(model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
+    trainer = head_lr_trainer(cfg.finetune.head_learning_rate)(model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
                       data_collator=collator, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -143,24 +164,51 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def fold_list(cfg: DictConfig) -> list[int]:
+    """The folds this run trains: all of them, or `finetune.folds` (so K folds can run as K jobs, one GPU each)."""
+    n_folds = int(cfg.cv.n_folds)
+    chosen = list(range(n_folds)) if cfg.finetune.folds is None else [int(k) for k in cfg.finetune.folds]
+    bad = [k for k in chosen if not 0 <= k < n_folds]
+    if bad:
+        raise UserError(f"finetune.folds={chosen}: folds {bad} do not exist with cv.n_folds={n_folds}")
+    return chosen
+
+
 def run(cfg: DictConfig) -> dict:
     modeling.validate(cfg.model)
+    extraction.validate(cfg.embed)
     exp = artifacts.exp_dir(cfg)
     stage_dir = exp / "finetune"
     train = inputs.load_train(cfg)
+    extra = inputs.load_extra(cfg, train)
+    test = inputs.load_test(cfg)
     frame = train.frame
-    fold_of = folds.load_or_create(exp, frame, cfg.cv.n_folds, cfg.seed)["fold"].to_numpy()
+    fold_of = folds.load_or_create(exp, frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)["fold"].to_numpy()
     labels = frame["label"].to_numpy()
     on = modeling.device()
     dtype = modeling.compute_dtype(cfg.model.precision, on)
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     encoded = encode_frame(tokenizer, frame, cfg.model)
-    swapped = encode_frame(tokenizer, frame, cfg.model, swap=True)
-    setup = fold_setup(cfg, artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))
+    tta = bool(cfg.embed.swap_tta)
+    swap_needed = cfg.finetune.swap_augmentation or tta
+    swapped = encode_frame(tokenizer, frame, cfg.model, swap=True) if swap_needed else None
+    extra_rows = []
+    if extra is not None:
+        extra_enc = encode_frame(tokenizer, extra.frame, cfg.model)
+        extra_swp = encode_frame(tokenizer, extra.frame, cfg.model, swap=True) if cfg.finetune.swap_augmentation \
+            else None
+        extra_rows = training_rows(extra_enc, extra_swp, extra.frame["label"].to_numpy(),
+                                   np.arange(len(extra_enc)), cfg.finetune.swap_augmentation)
+    setup = fold_setup(cfg, artifacts.file_fingerprint(inputs.data_paths(cfg)[0]),
+                       artifacts.file_fingerprint(cfg.data.extra))
+    embed_dir = exp / "embed"
+    embed_setup = extraction.embed_setup(cfg, setup)
+    test_folder = extraction.test_dir(embed_dir, inputs.data_paths(cfg)[1], embed_setup) if test is not None else None
+    test_enc = test_swp = None
     artifacts.write_manifest(exp, cfg, "finetune")
 
-    for k in range(cfg.cv.n_folds):
+    for k in fold_list(cfg):
         fold_dir = stage_dir / f"fold_{k}"
         if artifacts.check_state(fold_dir, setup, HOW_TO_FIX):
             log.info("fold %d: done, skipped", k)
@@ -169,18 +217,33 @@ def run(cfg: DictConfig) -> dict:
             artifacts.write_json(fold_dir / artifacts.STATE_FILE, {"done": False, **setup})
         train_index = np.flatnonzero(fold_of != k)
         held_out = np.flatnonzero(fold_of == k)
-        rows = training_rows(encoded, swapped, labels, train_index, cfg.finetune.swap_augmentation)
+        rows = training_rows(encoded, swapped, labels, train_index, cfg.finetune.swap_augmentation) + extra_rows
         model, stats = train_fold(cfg, k, fold_dir, source, tokenizer, rows, on, dtype)
         if artifacts.is_main_process():
             model.save_pretrained(fold_dir / "adapter")
-            probs = predict_probs(model, [encoded[i] for i in held_out],
-                                  [swapped[i] for i in held_out] if cfg.finetune.swap_tta else None,
-                                  tokenizer.pad_token_id, cfg.finetune.eval_batch_tokens, on, dtype)
+            start = time.perf_counter()
+            # The held-out scoring pass is also the embed pass: head probabilities and vectors together.
+            feats = extraction.pass_features(model, [encoded[i] for i in held_out],
+                                             [swapped[i] for i in held_out] if tta else None,
+                                             tokenizer.pad_token_id, cfg.embed, on, dtype, desc=f"fold {k}")
+            probs = extraction.head_probabilities(feats)
             artifacts.write_parquet(fold_dir / "oof.parquet", pd.DataFrame(
                 {"id": frame["id"].to_numpy()[held_out], "fold": k, **dict(zip(LABEL_COLUMNS, probs.T))}))
             stats["logloss"] = logloss(labels[held_out], probs)
-            artifacts.mark_done(fold_dir, {**setup, "fold": k, "train_folds": sorted(int(f) for f in set(fold_of[train_index])),
-                                           "stats": stats})
+            train_folds = sorted(int(f) for f in set(fold_of[train_index]))
+            artifacts.mark_done(fold_dir, {**setup, "fold": k, "train_folds": train_folds, "stats": stats})
+            extraction.write_train_fold(embed_dir, k, frame["id"].to_numpy()[held_out], feats, embed_setup,
+                                        fold_dir / "adapter", train_folds, cfg.embed.storage_dtype,
+                                        time.perf_counter() - start)
+            if test_folder is not None and not (test_folder / f"fold_{k}.parquet").exists():
+                if test_enc is None:
+                    test_enc = encode_frame(tokenizer, test.frame, cfg.model)
+                    test_swp = encode_frame(tokenizer, test.frame, cfg.model, swap=True) if tta else None
+                extraction.write_features(test_folder / f"fold_{k}.parquet", test.frame["id"].to_numpy(),
+                                          np.full(len(test_enc), -1),
+                                          extraction.pass_features(model, test_enc, test_swp, tokenizer.pad_token_id,
+                                                                   cfg.embed, on, dtype, desc=f"fold {k} test"),
+                                          cfg.embed.storage_dtype)
             shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)
             log.info("fold %d: logloss %.4f, %.0f tokens/s", k, stats["logloss"], stats["tokens_per_s"])
         del model
@@ -188,11 +251,16 @@ def run(cfg: DictConfig) -> dict:
 
     if not artifacts.is_main_process():
         return {}
+    states = [artifacts.read_state(stage_dir / f"fold_{k}") for k in range(cfg.cv.n_folds)]
+    pending = [k for k, state in enumerate(states) if not (state and state.get("done"))]
+    if pending:
+        print(f"finetune: folds {pending} still to train (finetune.folds={list(fold_list(cfg))} done)")
+        return {"pending_folds": pending}
     oof = pd.concat([pd.read_parquet(stage_dir / f"fold_{k}" / "oof.parquet") for k in range(cfg.cv.n_folds)])
     oof["id"] = oof["id"].astype(str)
     oof = oof.set_index("id").loc[frame["id"]].reset_index()
     artifacts.write_parquet(stage_dir / "oof.parquet", oof)
-    metrics = summarise(oof, labels, fold_of, stage_dir, cfg.cv.n_folds)
+    metrics = summarise(oof, labels, fold_of, states)
     artifacts.update_metrics(exp, "finetune", metrics)
     print(f"finetune: oof_logloss {metrics['oof_logloss']:.4f} (class prior {metrics['prior_logloss']:.4f}), "
           f"accuracy {metrics['accuracy']:.3f}, {metrics['tokens_per_s']:.0f} train tokens/s, "
@@ -200,9 +268,8 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def summarise(oof: pd.DataFrame, labels: np.ndarray, fold_of: np.ndarray, stage_dir: Path, n_folds: int) -> dict:
+def summarise(oof: pd.DataFrame, labels: np.ndarray, fold_of: np.ndarray, states: list[dict]) -> dict:
     probs = oof[list(LABEL_COLUMNS)].to_numpy()
-    states = [artifacts.read_state(stage_dir / f"fold_{k}") for k in range(n_folds)]
     stats = [s["stats"] for s in states]
     prior = fold_prior(labels, fold_of)
     seconds = sum(s["train_seconds"] for s in stats)

@@ -1,0 +1,120 @@
+"""Quality benchmark on real human-labelled pairs: does stage two beat the fine-tuned head and cheap text features?
+
+    python scripts/bench_quality.py                 # ~50 min on 2 CPU cores (SmolLM2-135M, 1,200 rows, 3 folds)
+    python scripts/bench_quality.py --group-by source   # leave-one-source-out: each fold is one source
+
+Builds a fixed, seeded sample of 1,200 rows with ties from ../shared/data/preference (Auto-J, PandaLM, PRD; the
+same rows every run), runs the real pipeline (check -> finetune -> embed -> stack, the defaults of
+`experiment=shared_ties`) as subprocesses of this one, then re-scores stacker variants (ablations) on the same
+features and folds, and with the folds' sources, the stacker trained on two sources and scored on the third.
+Every number is out-of-fold and honest: rounds, hyper-parameters, blend weights and the choice among candidates
+are made on prompt-grouped inner splits of each training set, never on the rows scored. A re-run reuses finished
+stages (the fine-tune is the slow part), so ablations can be added in seconds; `minutes` is always the wall time of
+the first full run of each stage, kept in the experiment folder.
+
+Last line: margin=X.XXXX head_gain=Y.YYYY minutes=Z.Z, where margin = best baseline (prior, length, head) minus
+the stacker's OOF log loss and head_gain = prior minus head. Goals: margin >= 0.02, head_gain >= 0.01, minutes <= 60.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "preference"
+WITH_TIES = ("autoj_pairwise_test.csv", "pandalm_testset_v1.csv", "prd_vicuna80_human.csv")
+STAGES = ("check", "finetune", "embed", "stack")
+# Stacker variants re-scored on the run's features: name -> overrides of the stack config.
+ABLATIONS = {
+    "default (selected blend of members)": [],
+    "no selection (always the blend)": ["stack.select=false"],
+    "blend: head + text": ["stack.blend_members=[head,text]"],
+    "blend: head + vectors": ["stack.blend_members=[head,vectors]"],
+    "blend: head + summary": ["stack.blend_members=[head,summary]"],
+    "vectors: last layer only (h100)": ["stack.vectors.layers=[h100]"],
+    "vectors: middle layer only (h050)": ["stack.vectors.layers=[h050]"],
+    "vectors: h075 only": ["stack.vectors.layers=[h075]"],
+    "vectors: diff + verdict_diff": ["stack.vectors.kinds=[diff,verdict_diff]"],
+    "vectors: fwd orientation only": ["stack.vectors.orientations=[fwd]"],
+    "vectors: base model (adapter disabled)": ["stack.vectors.source=base"],
+    "vectors: base model, fwd only": ["stack.vectors.source=base", "stack.vectors.orientations=[fwd]"],
+    "vectors: PCA 8": ["stack.vectors.pca_components=8"],
+    "vectors: PCA 32": ["stack.vectors.pca_components=32"],
+    "one LightGBM on every group (old stacker)": ["stack.blend_members=[all_lgbm]"],
+    "no symmetric augmentation": ["stack.symmetric=false"],
+}
+
+
+def build_sample(out: Path, rows: int, seed: int) -> None:
+    frames = [pd.read_csv(SHARED / name, dtype=str, keep_default_na=False) for name in WITH_TIES]
+    data = pd.concat(frames, ignore_index=True)
+    sample = data.sample(n=rows, random_state=seed).reset_index(drop=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample.to_csv(out, index=False)
+
+
+def run_stage(stage: str, overrides: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "a") as handle:
+        result = subprocess.run([sys.executable, "-m", "pipeline", f"stage={stage}", *overrides], cwd=ROOT,
+                                stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise SystemExit(f"stage={stage} failed (exit {result.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-by", default="prompt", help="cv.group_by: prompt, or source (leave-one-source-out)")
+    parser.add_argument("--exp-name", default=None)
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every stage")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        raise SystemExit(f"{SHARED} not found: this benchmark needs the shared preference data")
+    exp_name = args.exp_name or f"bench_quality_{args.group_by}"
+    data = ROOT / "outputs" / "data" / f"bench_quality_{args.rows}_{args.seed}.csv"
+    if not data.exists():
+        build_sample(data, args.rows, args.seed)
+    overrides = ["experiment=shared_ties", f"exp_name={exp_name}", f"data.train={data}",
+                 f"cv.group_by={args.group_by}", *args.overrides]
+    exp = ROOT / "outputs" / exp_name
+    exp.mkdir(parents=True, exist_ok=True)
+    timings_file = exp / "bench_timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    log = exp / "bench_quality.log"
+    for stage in STAGES:
+        seconds = run_stage(stage, overrides, log)
+        # Keep the first full run's time; a re-run that only resumed finished work must not shrink it.
+        timings[stage] = max(timings.get(stage, 0.0), seconds)
+        timings_file.write_text(json.dumps(timings, indent=2))
+        print(f"{stage}: {seconds:.0f} s", flush=True)
+
+    metrics = json.loads((exp / "metrics.json").read_text())
+    stack = metrics["stack"]
+    print("\n" + (exp / "stack" / "report.md").read_text().split("\n## ")[0])
+    if not args.no_ablations:
+        sys.path.insert(0, str(ROOT))
+        from pipeline.stacking import ablation_table
+
+        print("\n" + ablation_table(overrides, ABLATIONS))
+    head, prior = stack["baselines"]["head"], stack["baselines"]["prior"]
+    best = min(stack["baselines"][k] for k in ("prior", "length", "head"))
+    minutes = sum(timings[s] for s in STAGES) / 60
+    print(f"stage seconds: {', '.join(f'{s} {timings[s]:.0f}' for s in STAGES)}")
+    print(f"margin={best - stack['oof_logloss']:.4f} head_gain={prior - head:.4f} minutes={minutes:.1f}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
