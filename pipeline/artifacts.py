@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,12 +79,40 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
         frame.to_parquet(tmp, index=False)
 
 
+def read_metrics(exp: Path) -> dict[str, Any]:
+    path = exp / METRICS_FILE
+    if not path.exists():
+        return {}
+    try:
+        return read_json(path)
+    except ValueError:
+        raise UserError(f"{path} is damaged (not JSON); delete it: every stage rewrites its entry when it runs") \
+            from None
+
+
 def update_metrics(exp: Path, stage: str, metrics: dict[str, Any]) -> None:
     """Set `metrics.json[stage]`, keeping the other stages' entries."""
-    path = exp / METRICS_FILE
-    current = read_json(path) if path.exists() else {}
+    current = read_metrics(exp)
     current[stage] = metrics
-    write_json(path, current)
+    write_json(exp / METRICS_FILE, current)
+
+
+def drop_metrics(exp: Path, stage: str) -> None:
+    """Remove a stage's entry whose results no longer exist (e.g. predict after the stacker was refitted)."""
+    current = read_metrics(exp)
+    if current.pop(stage, None) is not None:
+        write_json(exp / METRICS_FILE, current)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written folder into place: the old one is renamed aside first and removed after, so a kill
+    leaves either the old or the new folder under `target`, never a mix."""
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def config_hash(obj: Any) -> str:

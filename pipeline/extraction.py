@@ -234,7 +234,7 @@ def combine_train(stage_dir: Path, cfg: DictConfig, train_ids: np.ndarray) -> in
     artifacts.write_json(stage_dir / MANIFEST, {
         "train": {f"fold_{k}": {key: s[key] for key in ("adapter", "adapter_train_folds", "scored_fold",
                                                         "n_train_rows")} for k, s in enumerate(states)},
-        "setup": {key: states[0][key] for key in ("seed", "finetune", "config_hash")},
+        "setup": {key: states[0][key] for key in ("seed", "finetune", "data", "config_hash")},
         "layers": [float(f) for f in cfg.embed.layers], "pooling": cfg.embed.pooling,
         "swap_tta": bool(cfg.embed.swap_tta), "base_vectors": bool(cfg.embed.base_vectors),
         "columns": sorted(matrices)})

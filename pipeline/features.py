@@ -16,6 +16,7 @@ import pandas as pd
 from pipeline.data import swap_probabilities
 
 VECTOR_KINDS = ("a", "b", "diff", "absdiff", "prod")
+RULES = ("identical", "a_empty", "b_empty", "word_jaccard")
 TEXT_STATS = ("chars", "words", "turns", "newlines", "headers", "code_blocks", "list_items", "bold", "questions")
 _HEADER = re.compile(r"^\s{0,3}#{1,6}\s", re.MULTILINE)
 _LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.MULTILINE)
@@ -52,6 +53,30 @@ def pair_vectors(a: np.ndarray, b: np.ndarray, kinds: Sequence[str]) -> dict[str
     return {k: table[k]() for k in kinds}
 
 
+def rule_matrix(responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequence[str]]) -> np.ndarray:
+    """Pair rules top teams hand-coded, as features the stacker can learn: identical responses (-> tie), an empty
+    response (-> the other wins), and the word overlap of the two. Columns: identical, a_empty, b_empty,
+    word_jaccard."""
+    rows = []
+    for a, b in zip(responses_a, responses_b):
+        text_a, text_b = "\n".join(a).strip(), "\n".join(b).strip()
+        words_a, words_b = set(text_a.lower().split()), set(text_b.lower().split())
+        union = words_a | words_b
+        rows.append([float(text_a == text_b), float(text_a == ""), float(text_b == ""),
+                     len(words_a & words_b) / len(union) if union else 1.0])
+    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def mirror_vector_key(key: str) -> str:
+    """The key holding the same vector for the A/B-swapped pair: response a <-> b and orientation fwd <-> swp (the
+    swapped pair's forward pass is this pair's swapped pass)."""
+    parts = key.split("_")
+    span, orientation = parts[-2], parts[-1]
+    span = {"a": "b", "b": "a"}.get(span, span)
+    orientation = {"fwd": "swp", "swp": "fwd"}[orientation]
+    return "_".join([*parts[:-2], span, orientation])
+
+
 @dataclass
 class PairInputs:
     """Per-row inputs of the stacker in one A/B orientation. Any part may be None (feature group off)."""
@@ -63,12 +88,22 @@ class PairInputs:
     head_other: np.ndarray | None = None    # (n, 3) the other orientation's pass, mirrored into this one
     vec_a: np.ndarray | None = None         # (n, d) response vectors (after any reduction)
     vec_b: np.ndarray | None = None
+    rules: np.ndarray | None = None         # (n, 4) see rule_matrix
+    vectors: dict[str, np.ndarray] | None = None  # raw embed vectors "{layer}_{span}_{orientation}" (extraction)
 
     def swapped(self) -> "PairInputs":
         """The same pairs with response_a and response_b exchanged."""
         mirror = lambda p: None if p is None else swap_probabilities(p)  # noqa: E731
-        return PairInputs(self.stats_b, self.stats_a, self.prompt_chars, mirror(self.head), mirror(self.head_other),
-                          self.vec_b, self.vec_a)
+        rules = None if self.rules is None else self.rules[:, [0, 2, 1, 3]]
+        vectors = None
+        if self.vectors is not None:
+            def mirrored(key: str) -> np.ndarray:
+                other = mirror_vector_key(key)
+                # Without swap TTA there is no swapped pass: the one orientation stands in for both.
+                return self.vectors[other] if other in self.vectors else self.vectors[other.replace("_swp", "_fwd")]
+            vectors = {key: mirrored(key) for key in self.vectors}
+        return PairInputs(self.stats_b, self.stats_a, self.prompt_chars, mirror(self.head_other), mirror(self.head),
+                          self.vec_b, self.vec_a, rules, vectors)
 
 
 def feature_frame(inputs: PairInputs, vector_kinds: Sequence[str]) -> pd.DataFrame:
@@ -92,10 +127,69 @@ def feature_frame(inputs: PairInputs, vector_kinds: Sequence[str]) -> pd.DataFra
         for kind, matrix in pair_vectors(inputs.vec_a, inputs.vec_b, vector_kinds).items():
             for j in range(matrix.shape[1]):
                 columns[f"vec_{kind}_{j}"] = matrix[:, j]
+    if inputs.rules is not None:
+        for j, name in enumerate(RULES):
+            columns[f"rule_{name}"] = inputs.rules[:, j]
     return pd.DataFrame(columns)
 
 
 def text_inputs(frame: pd.DataFrame) -> PairInputs:
     """Text-statistics part of the inputs from tidy rows (see pipeline.data)."""
     return PairInputs(stats_a=stats_matrix(frame["response_a"]), stats_b=stats_matrix(frame["response_b"]),
-                      prompt_chars=np.array([len("\n".join(t)) for t in frame["prompt"]], dtype=np.float64))
+                      prompt_chars=np.array([len("\n".join(t)) for t in frame["prompt"]], dtype=np.float64),
+                      rules=rule_matrix(frame["response_a"], frame["response_b"]))
+
+
+def _orientation_mean(vectors: dict[str, np.ndarray], stem: str, orientations: Sequence[str]) -> np.ndarray:
+    present = [vectors[f"{stem}_{o}"] for o in orientations if f"{stem}_{o}" in vectors]
+    if not present:
+        raise KeyError(f"no vectors {stem}_{{{','.join(orientations)}}} in the embed features")
+    return np.mean(present, axis=0)
+
+
+VECTOR_BLOCKS = ("diff", "sum", "a", "b", "prompt", "verdict", "verdict_diff")
+
+
+def vector_blocks(vectors: dict[str, np.ndarray], layers: Sequence[str], kinds: Sequence[str],
+                  orientations: Sequence[str], prefix: str = "") -> dict[str, np.ndarray]:
+    """Raw vector blocks per layer before any reduction, e.g. `h050_diff`: response_a minus response_b (averaged
+    over the chosen orientations), `sum`, `a`, `b`, `prompt`, and `verdict` (the last token, which sees the whole
+    pair), and `verdict_diff`: the verdict vector of the forward pass minus the swapped pass's. Under an A/B swap
+    (PairInputs.swapped) diff and verdict_diff change sign, a and b exchange, the rest stay."""
+    unknown = [k for k in kinds if k not in VECTOR_BLOCKS]
+    if unknown:
+        raise ValueError(f"unknown vector block(s) {unknown}; choose from {VECTOR_BLOCKS}")
+    blocks = {}
+    for layer in layers:
+        span = {name: (lambda name=name: _orientation_mean(vectors, f"{prefix}{layer}_{name}", orientations))
+                for name in ("a", "b", "prompt", "verdict")}
+        for kind in kinds:
+            if kind == "diff":
+                blocks[f"{layer}_diff"] = span["a"]() - span["b"]()
+            elif kind == "sum":
+                blocks[f"{layer}_sum"] = span["a"]() + span["b"]()
+            elif kind == "verdict_diff":
+                blocks[f"{layer}_verdict_diff"] = (_orientation_mean(vectors, f"{prefix}{layer}_verdict", ["fwd"]) -
+                                                   _orientation_mean(vectors, f"{prefix}{layer}_verdict", ["swp"]))
+            else:
+                blocks[f"{layer}_{kind}"] = span[kind]()
+    return blocks
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x * y).sum(axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-8)
+
+
+def similarity_frame(vectors: dict[str, np.ndarray], layers: Sequence[str], orientations: Sequence[str],
+                     prefix: str = "") -> pd.DataFrame:
+    """Compact per-layer summaries of the vectors: prompt-response and a-b cosine similarities and norms (a few
+    columns instead of hundreds)."""
+    columns = {}
+    for layer in layers:
+        a, b, p = (_orientation_mean(vectors, f"{prefix}{layer}_{s}", orientations) for s in ("a", "b", "prompt"))
+        cos_pa, cos_pb = _cosine(p, a), _cosine(p, b)
+        norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        columns.update({f"{layer}_cos_pa": cos_pa, f"{layer}_cos_pb": cos_pb, f"{layer}_cos_pa_minus_pb": cos_pa - cos_pb,
+                        f"{layer}_cos_ab": _cosine(a, b), f"{layer}_norm_a": norm_a, f"{layer}_norm_b": norm_b,
+                        f"{layer}_norm_a_minus_b": norm_a - norm_b})
+    return pd.DataFrame(columns)

@@ -1,50 +1,63 @@
-"""report.md with the metrics table and PNG plots (feature importance, reliability diagram)."""
+"""report.md with the metrics tables and PNG plots (log loss per model, reliability diagram)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from pipeline import artifacts
 
 
 def table(metrics: dict) -> str:
-    """Markdown table: the stacker against the baselines, on the same folds."""
-    rows = [("stacker", metrics["oof_logloss"], metrics["accuracy"])]
-    rows += [(name, value, metrics["baseline_accuracy"][name]) for name, value in metrics["baselines"].items()]
-    lines = ["| model | OOF log loss | accuracy |", "|---|---|---|"]
-    lines += [f"| {name} | {loss:.4f} | {acc:.3f} |" for name, loss, acc in rows]
-    lines.append(f"\nstacker gain over the best baseline: {metrics['gain_over_best_baseline']:+.4f} log loss "
-                 f"(per fold: {', '.join(f'{v:.4f}' for v in metrics['per_fold'])})")
+    """Markdown table: the stacker against the baselines and its members, on the same folds."""
+    lines = ["| model | OOF log loss | accuracy |", "|---|---|---|",
+             f"| stacker | {metrics['oof_logloss']:.4f} | {metrics['accuracy']:.3f} |"]
+    lines += [f"| {name} | {value:.4f} | {metrics['baseline_accuracy'][name]:.3f} |"
+              for name, value in metrics["baselines"].items()]
+    lines += [f"| member: {name} | {value:.4f} | |" for name, value in metrics["members"].items()]
+    lines.append(f"\nstacker gain over the best baseline (prior, length, head): "
+                 f"{metrics['gain_over_best_baseline']:+.4f} log loss; chosen per fold: {', '.join(metrics['chosen'])}")
+    return "\n".join(lines)
+
+
+def fold_table(metrics: dict) -> str:
+    n_folds = len(metrics["per_fold"])
+    lines = ["| fold | stacker | " + " | ".join(metrics["baseline_per_fold"]) + " | chosen | blend weights |",
+             "|---" * (4 + len(metrics["baseline_per_fold"])) + "|"]
+    for k in range(n_folds):
+        weights = ", ".join(f"{n} {w:.2f}" for n, w in metrics["blend"][k]["weights"].items())
+        lines.append(f"| {k} | {metrics['per_fold'][k]:.4f} | " +
+                     " | ".join(f"{v[k]:.4f}" for v in metrics["baseline_per_fold"].values()) +
+                     f" | {metrics['chosen'][k]} | {weights}; tie bias {metrics['blend'][k]['tie_bias']:.2f} |")
     return "\n".join(lines)
 
 
 def reliability(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """One-vs-rest over the three classes: mean predicted probability and observed frequency per bin."""
-    predicted = probs.reshape(-1)
-    observed = np.eye(3)[labels].reshape(-1)
-    bins = np.minimum((predicted * n_bins).astype(int), n_bins - 1)
-    keep = np.bincount(bins, minlength=n_bins) > 0
-    mean_pred = np.bincount(bins, predicted, n_bins)[keep] / np.bincount(bins, minlength=n_bins)[keep]
-    freq = np.bincount(bins, observed, n_bins)[keep] / np.bincount(bins, minlength=n_bins)[keep]
-    return mean_pred, freq
+    """One-vs-rest over the three classes, equal-count bins (every point stands for as many predictions): mean
+    predicted probability and observed frequency per bin."""
+    from sklearn.calibration import calibration_curve
+
+    observed, predicted = calibration_curve(np.eye(3)[labels].reshape(-1), np.asarray(probs).reshape(-1),
+                                            n_bins=n_bins, strategy="quantile")
+    return predicted, observed
 
 
-def write(folder: Path, metrics: dict, importance: pd.Series, labels: np.ndarray,
-          predictions: dict[str, np.ndarray]) -> None:
+def write(folder: Path, metrics: dict, labels: np.ndarray, predictions: dict[str, np.ndarray],
+          fold_of: np.ndarray) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = importance.head(25)[::-1]
-    fig, ax = plt.subplots(figsize=(7, 7))
-    ax.barh(top.index, top.values)
-    ax.set_xlabel("mean gain over folds")
-    ax.set_title("Stacker feature importance (top 25)")
+    losses = {"stacker": metrics["oof_logloss"], **metrics["baselines"],
+              **{f"member {k}": v for k, v in metrics["members"].items()}}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(list(losses)[::-1], list(losses.values())[::-1])
+    ax.set_xlim(min(losses.values()) - 0.02, max(losses.values()) + 0.01)
+    ax.set_xlabel("OOF log loss (lower is better)")
+    ax.set_title("Stacker, baselines and members on the same folds")
     fig.tight_layout()
-    with artifacts.atomic_path(folder / "feature_importance.png") as tmp:
+    with artifacts.atomic_path(folder / "logloss.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
@@ -53,7 +66,7 @@ def write(folder: Path, metrics: dict, importance: pd.Series, labels: np.ndarray
     for name, probs in predictions.items():
         x, y = reliability(labels, probs)
         ax.plot(x, y, marker="o", label=name)
-    ax.set_xlabel("predicted probability (all classes, one-vs-rest)")
+    ax.set_xlabel("predicted probability (all classes, one-vs-rest; 10 equal-count bins)")
     ax.set_ylabel("observed frequency")
     ax.set_title("Reliability of OOF predictions")
     ax.legend()
@@ -62,7 +75,17 @@ def write(folder: Path, metrics: dict, importance: pd.Series, labels: np.ndarray
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
-    text = ["# Stacker report", "", table(metrics), "",
-            f"Best iterations per fold: {metrics['best_iterations']}; features: {metrics['n_features']}.", "",
-            "![feature importance](feature_importance.png)", "", "![reliability](reliability.png)", ""]
+    features = metrics["features"]
+    vectors = features["vectors"]
+    members = ", ".join(f"{m} = {features['estimators'][m]} on {features['groups'][m]}"
+                        for m in features["blend_members"])
+    text = ["# Stacker report", "", table(metrics), "", "## Per fold", "", fold_table(metrics), "",
+            "## What the stacker read", "",
+            f"- members (blended, then chosen by inner CV): {members}",
+            f"- vectors: {vectors['prefix'] or 'fine-tuned '}layers {vectors['layers']}, blocks {vectors['kinds']}, "
+            f"orientations {vectors['orientations']}, PCA {features['pca_components']} per block",
+            f"- folds grouped by {features['cv_group_by']}; fold sizes {np.bincount(fold_of).tolist()}",
+            f"- hyper-parameters chosen per fold: {metrics['params']}",
+            f"- inner-CV log loss per candidate and fold: {metrics['inner_losses']}", "",
+            "![log loss](logloss.png)", "", "![reliability](reliability.png)", ""]
     artifacts.write_text(folder / "report.md", "\n".join(text))

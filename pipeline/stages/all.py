@@ -1,23 +1,23 @@
-"""stage=all (the default): check -> finetune -> embed -> stack (-> predict with a test file), resuming whatever
-is already done (each stage skips its finished folds)."""
+"""stage=all (the default): check -> finetune -> embed -> stack, resuming whatever is already done (each stage
+skips its finished folds); with a test file, stack writes the submission."""
 from __future__ import annotations
 
 import time
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, inputs
-from pipeline.stages import check, embed, finetune, predict, stack
+from pipeline import artifacts
+from pipeline.stages import check, embed, finetune, stack
 
 
 def run(cfg: DictConfig) -> dict:
+    # With a test file, finetune scores it at each fold's end, embed averages it and stack writes the submission:
+    # nothing is left for stage=predict (which serves new test files later).
     stages = [("check", check), ("finetune", finetune), ("embed", embed), ("stack", stack)]
-    if inputs.data_paths(cfg)[1] is not None:
-        stages.append(("predict", predict))
     results: dict = {}
     seconds: dict[str, float] = {}
     for name, module in stages:
-        if name in ("embed", "stack", "predict") and not artifacts.is_main_process():
+        if name in ("embed", "stack") and not artifacts.is_main_process():
             break  # under torchrun, other ranks only share the fine-tuning work
         start = time.perf_counter()
         results[name] = module.run(cfg)
@@ -28,6 +28,6 @@ def run(cfg: DictConfig) -> dict:
         print(f"\ndone in {sum(seconds.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
         print(f"  report:     {exp / 'stack' / 'report.md'}")
         print(f"  metrics:    {exp / artifacts.METRICS_FILE}")
-        if "predict" in results:
-            print(f"  submission: {results['predict']['submission']}")
+        if "submission" in results.get("stack", {}):
+            print(f"  submission: {results['stack']['submission']}")
     return results

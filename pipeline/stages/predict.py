@@ -1,34 +1,43 @@
-"""stage=predict: score a test file with a finished experiment (fold adapters + stacker boosters).
+"""stage=predict: score a test file with a finished experiment.
 
-Only what is missing runs: test features are extracted once per test file (each fold adapter, averaged) and
-reused afterwards; the saved boosters and reductions of `stack/` are applied with the settings they were trained
-with (stack/model.json), not the current command line's.
+Test features are extracted once per test file (each fold adapter on one loaded base model, averaged) and reused
+afterwards. The stacker is refitted from the experiment's stored OOF features with the settings recorded in
+`stack/model.json` (deterministic, seconds): no pickled object is ever loaded, so an experiment folder from
+someone else cannot run code. The command line must agree with the recorded setup (model, formatting, embed, cv,
+seed, train file); a differing key is an `error:`, never a silently different submission.
 """
 from __future__ import annotations
 
-import pickle
-
-import lightgbm as lgb
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, inputs
+from pipeline import artifacts, extraction, inputs, stacking
 from pipeline.errors import UserError
-from pipeline.stages import embed as embed_stage
-from pipeline.stages.stack import SUBMISSION, score_with_models, stacker_inputs, vector_kinds, write_submission
 
 
-def load_stacker(stack_dir) -> tuple[DictConfig, list[tuple]]:
-    model_file = stack_dir / "model.json"
-    if not model_file.exists():
-        raise UserError(f"{model_file} not found; run stage=stack (or stage=all) for this experiment first")
+def differing_keys(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts."""
+    keys = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def recorded_config(cfg: DictConfig, exp) -> DictConfig:
+    """The command line's config with the stacker's recorded settings, after checking the rest agrees."""
+    model_file = exp / "stack" / stacking.MODEL_FILE
+    if not artifacts.read_state(exp / "stack") or not model_file.exists():
+        raise UserError(f"{exp / 'stack'} holds no finished stacker; run stage=stack (or stage=all) first")
     saved = artifacts.read_json(model_file)
-    models = []
-    for k in range(saved["n_folds"]):
-        fold_dir = stack_dir / f"fold_{k}"
-        booster = lgb.Booster(model_file=str(fold_dir / "booster.txt"))
-        reducer = pickle.loads((fold_dir / "reducer.pkl").read_bytes())
-        models.append((booster, reducer))
-    return OmegaConf.create(saved["stack"]), models
+    differ = differing_keys(saved["setup"], stacking.recorded_setup(cfg))
+    if differ:
+        raise UserError(f"this command line differs from the settings the stacker of {exp} was trained with: "
+                        f"{', '.join(differ)}; drop those overrides (or re-run stage=all)")
+    cfg = OmegaConf.merge(cfg, {"stack": saved["stack"]})
+    return cfg
 
 
 def run(cfg: DictConfig) -> dict:
@@ -36,18 +45,18 @@ def run(cfg: DictConfig) -> dict:
     test = inputs.load_test(cfg)
     if test is None:
         raise UserError("stage=predict needs a test file: add data.test=PATH")
+    cfg = recorded_config(cfg, exp)
     test_path = inputs.data_paths(cfg)[1]
-    stack_cfg, models = load_stacker(exp / "stack")
-    matrices = embed_stage.ensure_test_features(cfg, exp, test, test_path)
-    probs = score_with_models(models, stacker_inputs(test.frame, matrices, stack_cfg), stack_cfg.symmetric,
-                              vector_kinds(matrices))
-    submission = exp / SUBMISSION
     if artifacts.is_main_process():
-        write_submission(submission, test.frame["id"].to_numpy(), probs)
-        artifacts.write_manifest(exp, cfg, "predict")
+        extraction.ensure_test_features(cfg, exp, test, test_path)
+    else:
+        return {}
+    result = stacking.score(cfg, with_test=True, baselines=False)
+    submission = exp / stacking.SUBMISSION
+    stacking.write_submission(submission, result["_test_ids"], result["_test"])
+    artifacts.write_manifest(exp, cfg, "predict")
     metrics = {"n_rows": int(len(test.frame)), "test": str(test_path), "submission": str(submission),
                "n_repaired": test.n_repaired}
-    if artifacts.is_main_process():
-        artifacts.update_metrics(exp, "predict", metrics)
+    artifacts.update_metrics(exp, "predict", metrics)
     print(f"predict: {metrics['n_rows']} rows scored -> {submission}")
     return metrics
