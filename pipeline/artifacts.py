@@ -43,7 +43,37 @@ def exp_dir(cfg: DictConfig) -> Path:
     path = Path(cfg.paths.exp_dir)
     if is_main_process():
         path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files left by a killed writer (`.NAME.PID.XXXX.tmp` whose PID is gone): removed on the next run."""
+    removed = []
+    for tmp in folder.rglob(".*.tmp"):
+        parts = tmp.name.split(".")
+        pid = next((int(p) for p in parts[2:-1] if p.isdigit()), None)
+        if pid is not None and not _pid_alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _user_file_mode() -> int:
+    """What a plain open() would give a new file under the user's umask (mkstemp makes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextmanager
@@ -51,10 +81,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _user_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -136,7 +167,25 @@ def file_fingerprint(path: str | Path | None) -> str | None:
 
 def read_state(folder: Path) -> dict[str, Any] | None:
     path = folder / STATE_FILE
-    return read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        state = read_json(path)
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); delete {folder} to redo that part")
+    return state
+
+
+def read_parquet(path: Path, how_to_fix: str) -> pd.DataFrame:
+    """A parquet artifact, or one `error:` line that names it when it is missing or damaged."""
+    if not path.exists():
+        raise UserError(f"{path} not found; {how_to_fix}")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises many types for a damaged file
+        raise UserError(f"{path} is damaged ({type(exc).__name__}); {how_to_fix}") from None
 
 
 def mark_done(folder: Path, state: dict[str, Any]) -> None:
@@ -144,10 +193,11 @@ def mark_done(folder: Path, state: dict[str, Any]) -> None:
 
 
 def check_state(folder: Path, expected: dict[str, Any], how_to_fix: str) -> bool:
-    """True when `folder` is finished; False when it is absent or unfinished. Raises when it was started or
-    finished with a different setup than `expected` (mixing them would silently corrupt results)."""
+    """True when `folder` is finished; False when it is absent or unfinished. Raises when it was finished with a
+    different setup than `expected` (mixing them would silently corrupt results). An unfinished folder never
+    blocks: a run that crashed on a bad setting must not stop the corrected one."""
     state = read_state(folder)
-    if not state:
+    if not state or not state.get("done"):
         return False
     changed = [k for k, v in expected.items() if state.get(k) != v]
     if changed:
@@ -209,7 +259,11 @@ def read_feature_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises many types for a damaged file
+        raise UserError(f"{path} is damaged ({type(exc).__name__}); delete it and re-run the stage that made it "
+                        "(stage=embed for features)") from None
     scalars, matrices = {}, {}
     for name in table.column_names:
         column = table.column(name).combine_chunks()

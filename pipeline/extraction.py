@@ -143,11 +143,7 @@ def read_in_order(path: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     """A feature table's matrices with rows in the order of `ids` (every id must be there)."""
     if not path.exists():
         raise UserError(f"{path} not found; run stage=embed first")
-    try:
-        scalars, matrices = artifacts.read_feature_table(path)
-    except Exception as exc:  # pyarrow raises many types for a damaged file
-        raise UserError(f"{path}: unreadable feature file ({type(exc).__name__}); delete it and re-run "
-                        "stage=embed") from None
+    scalars, matrices = artifacts.read_feature_table(path)
     index = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str))
     missing = [i for i in ids if i not in index.index]
     if missing:

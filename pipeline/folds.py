@@ -57,7 +57,10 @@ def load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int, grou
     """Return (id, fold) for `frame`, creating `folds.parquet` on first use and checking it afterwards."""
     path = exp / FOLDS_FILE
     if path.exists():
-        folds = pd.read_parquet(path)
+        folds = artifacts.read_parquet(path, "delete it: folds are re-assigned from cv.n_folds and seed, but every "
+                                             "finished stage of this experiment then no longer matches")
+        if not {"id", "fold"} <= set(folds.columns):
+            raise UserError(f"{path} lacks its id/fold columns; delete the experiment folder (or use a new exp_name)")
         folds["id"] = folds["id"].astype(str)
         if set(folds["id"]) != set(frame["id"]) or folds["fold"].nunique() != n_folds:
             raise UserError(

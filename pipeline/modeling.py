@@ -215,10 +215,12 @@ def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkp
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    target = lora_cfg.target_modules
-    target = target if isinstance(target, str) else list(target)
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
-                        lora_dropout=lora_cfg.dropout, target_modules=target, modules_to_save=["score"])
+    from hydra.utils import instantiate
+
+    # finetune.lora is a LoraConfig (`_target_`) whose fields keep peft's names; the task and head are ours.
+    config = instantiate(lora_cfg, task_type=TaskType.SEQ_CLS, modules_to_save=["score"], _convert_="all")
+    if not isinstance(config, LoraConfig):
+        raise UserError(f"finetune.lora._target_ must build a peft.LoraConfig, got {type(config).__name__}")
     model = get_peft_model(model, config)
     # Trainable weights stay fp32 (optimizer precision) even when the frozen base is bf16; autocast mixes them.
     for param in model.parameters():

@@ -83,7 +83,7 @@ def run_recipe(args, recipe: str, model, cfg, on, tokenizer, frame, encoded, dty
     if recipe == "seed":
         seed_recipe(model, tokenizer, frame, encoded, cfg.model.max_length, args.batch_rows, on)
     else:
-        forward_pass(model, encoded, tokenizer.pad_token_id, batch_tokens, on, dtype, pool_layer=cfg.embed.layer,
+        forward_pass(model, encoded, tokenizer.pad_token_id, batch_tokens, on, dtype, layers=list(cfg.embed.layers),
                      max_rows=max_rows)
     bench.synchronize(on)
     return time.perf_counter() - start

@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import benchmarking as bench  # noqa: E402
 from pipeline import modeling  # noqa: E402
 from pipeline.formatting import encode_frame  # noqa: E402
-from pipeline.stages.finetune import PaddingCollator, training_arguments, training_rows  # noqa: E402
+from pipeline.stages.finetune import PaddingCollator, pipeline_trainer, training_arguments, training_rows  # noqa: E402,E501
 
 
 def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_length: int | None) -> dict:
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     set_seed(cfg.seed)
     model = bench.classifier(cfg, source, tokenizer, dtype, on)
@@ -41,14 +41,15 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
         args.train_sampling_strategy = "group_by_length" if grouped else "sequential"
         args.save_strategy = "no"
         args.disable_tqdm = True
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer = pipeline_trainer(None)(model=model, args=args, train_dataset=rows, data_collator=collator)
         bench.synchronize(on)
         start = time.perf_counter()
         trainer.train()
         bench.synchronize(on)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": collator.real_tokens / seconds, "waste": collator.waste,
-            "flops_per_s": 4 * n_params * collator.real_tokens / seconds, "n_params": n_params}
+    real = trainer.real_tokens
+    return {"seconds": seconds, "tokens_per_s": real / seconds, "waste": 1 - real / trainer.padded_tokens,
+            "flops_per_s": 4 * n_params * real / seconds, "n_params": n_params}
 
 
 def main() -> None:

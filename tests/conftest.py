@@ -13,8 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small and fast: 90 demo rows, 3 folds, a few optimizer steps per fold.
 TINY_OVERRIDES = ["model=tiny", "data.demo.n_train=90", "data.demo.n_test=12", "cv.n_folds=3",
-                  "finetune.per_device_batch_size=16", "finetune.save_steps=4", "stack.num_boost_round=60",
-                  "stack.early_stopping_rounds=20", "stack.lgbm.min_data_in_leaf=5", "stack.pca_components=4"]
+                  "finetune.per_device_batch_size=16", "finetune.save_steps=4", "stack.vectors.pca_components=4",
+                  "stack.inner_folds=3"]
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -39,7 +39,8 @@ def tiny_cfg(tmp_path, model_cache):
 
 @pytest.fixture(scope="session")
 def tiny_experiment(tmp_path_factory, model_cache):
-    """One tiny experiment run through finetune -> embed -> stack -> predict; tests read its artifacts."""
+    """One tiny experiment run through check -> finetune -> embed -> stack with the demo test file; tests read its
+    artifacts."""
     from pipeline.stages import all as all_stage
 
     out = tmp_path_factory.mktemp("tiny_exp")

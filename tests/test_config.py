@@ -67,4 +67,4 @@ def test_optuna_sweeper_composes():
     assert cfg.stage == "stack"
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "minimize"
-    assert "stack.pca_components" in cfg.hydra.sweeper.params
+    assert "stack.vectors.pca_components" in cfg.hydra.sweeper.params

@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from pipeline import artifacts, inputs, modeling
+from pipeline import artifacts, extraction, inputs, modeling
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame, segment_text
 from pipeline.inference import forward_pass, span_weights
-from pipeline.stages import embed, stack
+from pipeline.stages import stack
 
 
 @pytest.fixture(scope="module")
@@ -26,31 +27,37 @@ def fold_model(tiny_experiment):
     return model, tokenizer, encode_frame(tokenizer, frame, cfg.model), frame
 
 
-@pytest.mark.parametrize("layer, hidden_index", [(-1, -1), (0, 1)])
-def test_pooled_vectors_match_output_hidden_states(fold_model, layer, hidden_index):
+def test_pooled_vectors_match_output_hidden_states(fold_model):
+    """Every captured layer (tiny Llama: 2 decoder layers; 0.5 = layer 0's output, 1.0 = the final norm) and every
+    span equals pooling output_hidden_states by hand, from the one pass that also gives the logits."""
     model, tokenizer, encoded, _ = fold_model
     out = forward_pass(model, encoded, tokenizer.pad_token_id, 10_000, torch.device("cpu"), torch.float32,
-                       pool_layer=layer)
+                       layers=[0.5, 1.0])
+    assert set(out.vectors) == {f"{layer}_{span}" for layer in ("h050", "h100")
+                                for span in ("prompt", "a", "b", "verdict")}
     for i, enc in enumerate(encoded):
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([enc.input_ids]), output_hidden_states=True)
-        hidden = ref.hidden_states[hidden_index][0]
-        np.testing.assert_allclose(out.vec_a[i], hidden[slice(*enc.span_a)].mean(0).numpy(), atol=1e-4, rtol=1e-4)
-        np.testing.assert_allclose(out.vec_b[i], hidden[slice(*enc.span_b)].mean(0).numpy(), atol=1e-4, rtol=1e-4)
+        for layer, hidden_index in (("h050", 1), ("h100", -1)):
+            hidden = ref.hidden_states[hidden_index][0]
+            for span, (start, end) in (("a", enc.span_a), ("b", enc.span_b), ("prompt", enc.span_prompt),
+                                       ("verdict", (len(enc.input_ids) - 1, len(enc.input_ids)))):
+                np.testing.assert_allclose(out.vectors[f"{layer}_{span}"][i], hidden[start:end].mean(0).numpy(),
+                                           atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(out.logits[i], ref.logits[0].numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_padding_side_and_batch_composition_do_not_change_a_row(fold_model):
     model, tokenizer, encoded, _ = fold_model
     args = (tokenizer.pad_token_id, torch.device("cpu"), torch.float32)
-    alone = [forward_pass(model, [e], args[0], 10_000, *args[1:], pool_layer=-1) for e in encoded]
+    alone = [forward_pass(model, [e], args[0], 10_000, *args[1:], layers=[1.0]) for e in encoded]
     for side in ("right", "left"):
-        batched = forward_pass(model, encoded, args[0], 10_000, *args[1:], pool_layer=-1, padding_side=side)
-        small = forward_pass(model, encoded, args[0], 300, *args[1:], pool_layer=-1, padding_side=side)
+        batched = forward_pass(model, encoded, args[0], 10_000, *args[1:], layers=[1.0], padding_side=side)
+        small = forward_pass(model, encoded, args[0], 300, *args[1:], layers=[1.0], padding_side=side)
         for i, single in enumerate(alone):
             for out in (batched, small):
-                np.testing.assert_allclose(out.vec_a[i], single.vec_a[0], atol=1e-4, rtol=1e-4)
-                np.testing.assert_allclose(out.vec_b[i], single.vec_b[0], atol=1e-4, rtol=1e-4)
+                for key, matrix in single.vectors.items():
+                    np.testing.assert_allclose(out.vectors[key][i], matrix[0], atol=1e-4, rtol=1e-4)
                 np.testing.assert_allclose(out.logits[i], single.logits[0], atol=1e-4, rtol=1e-4)
 
 
@@ -75,32 +82,60 @@ def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):
 
 def test_features_and_manifest(tiny_experiment):
     cfg, exp, metrics = tiny_experiment
-    scalars, matrices = artifacts.read_feature_table(exp / "embed" / embed.TRAIN_FEATURES)
+    scalars, matrices = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
     assert scalars["id"].is_unique and len(scalars) == metrics["check"]["train"]["n_rows"]
-    assert {"head", "head_swapped", "vec_a", "vec_b", "vec_diff"} <= set(matrices)
-    np.testing.assert_allclose(matrices["vec_diff"], matrices["vec_a"] - matrices["vec_b"], atol=2e-2)
-    manifest = artifacts.read_json(exp / "embed" / embed.MANIFEST)
+    expected = {f"h{round(f * 100):03d}_{span}_{o}" for f in cfg.embed.layers
+                for span in ("prompt", "a", "b", "verdict") for o in ("fwd", "swp")}
+    assert set(matrices) == {"head", "head_swapped", *expected}
+    manifest = artifacts.read_json(exp / "embed" / extraction.MANIFEST)
     assert set(manifest["train"]) == {f"fold_{k}" for k in range(cfg.cv.n_folds)}
+    # The finetune OOF head probabilities are the embed pass's (one pass, not two).
+    oof = pd.read_parquet(exp / "finetune" / "oof.parquet")
+    np.testing.assert_allclose(oof[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy(),
+                               (matrices["head"] + matrices["head_swapped"]) / 2, atol=2e-3)
+
+
+def test_fold_end_features_equal_a_separate_embed_pass(tiny_experiment, tmp_path):
+    """What finetune wrote at the end of each fold equals what stage=embed computes on its own from the saved
+    adapters (embed reloads the base once and swaps adapters)."""
+    import shutil
+
+    cfg, exp, _ = tiny_experiment
+    copy = tmp_path / cfg.exp_name
+    shutil.copytree(exp, copy)
+    shutil.copytree(exp.parent / "demo_data", tmp_path / "demo_data")
+    for k in range(cfg.cv.n_folds):
+        shutil.rmtree(copy / "embed" / f"fold_{k}")
+    (copy / "embed" / extraction.TRAIN_FEATURES).unlink()
+    again = cfg.copy()
+    again.paths.output_dir = str(tmp_path)
+    again.paths.exp_dir = str(copy)
+    from pipeline.stages import embed
+
+    assert embed.run(again)["refreshed_folds"] == list(range(cfg.cv.n_folds))
+    _, original = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
+    _, separate = artifacts.read_feature_table(copy / "embed" / extraction.TRAIN_FEATURES)
+    assert set(original) == set(separate)
+    for name in original:
+        np.testing.assert_allclose(separate[name], original[name], atol=2e-3, rtol=1e-2)
 
 
 def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
     cfg, exp, _ = tiny_experiment
-    manifest = artifacts.read_json(exp / "embed" / embed.MANIFEST)
-    scalars, _ = artifacts.read_feature_table(exp / "embed" / embed.TRAIN_FEATURES)
-    import pandas as pd
-
+    manifest = artifacts.read_json(exp / "embed" / extraction.MANIFEST)
+    scalars, _ = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
     folds = pd.read_parquet(exp / "folds.parquet")
     assigned = dict(zip(folds["id"].astype(str), folds["fold"]))
-    assert embed.leaking_rows(scalars["id"], scalars["fold"], assigned, manifest) == []
+    assert extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, manifest) == []
     doctored = copy.deepcopy(manifest)
     doctored["train"]["fold_1"]["adapter_train_folds"].append(1)
-    leaks = embed.leaking_rows(scalars["id"], scalars["fold"], assigned, doctored)
+    leaks = extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, doctored)
     assert set(leaks) == set(folds.loc[folds["fold"] == 1, "id"].astype(str))
     # The stack stage refuses such features.
-    original = (exp / "embed" / embed.MANIFEST).read_text()
+    original = (exp / "embed" / extraction.MANIFEST).read_text()
     try:
-        artifacts.write_json(exp / "embed" / embed.MANIFEST, doctored)
+        artifacts.write_json(exp / "embed" / extraction.MANIFEST, doctored)
         with pytest.raises(UserError, match="scored by an adapter trained on them"):
             stack.run(cfg)
     finally:
-        (exp / "embed" / embed.MANIFEST).write_text(original)
+        (exp / "embed" / extraction.MANIFEST).write_text(original)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.features import PairInputs, TEXT_STATS, feature_frame, pair_vectors, text_inputs, text_stats
+from pipeline.features import (PairInputs, TEXT_STATS, feature_frame, mirror_vector_key, pair_vectors, rule_matrix,
+                               similarity_frame, text_inputs, text_stats, vector_blocks)
 
 
 def test_text_stats_counts_markdown():
@@ -42,10 +43,12 @@ def test_features_mirror_under_swap():
             np.testing.assert_allclose(swapped[column], original[other])
         elif column.startswith(("diff_", "logratio_", "vec_diff_")):
             np.testing.assert_allclose(swapped[column], -original[column])
-        elif column.startswith(("head_", "head_other_", "head_mean_")):
-            name = column.rsplit("_", 1)[1]
+        elif column.startswith("head_"):
+            # The swapped pair's forward pass is this pair's swapped pass: head and head_other exchange, mirrored.
+            stem, name = column.rsplit("_", 1)
             mirror = {"a": "b", "b": "a", "tie": "tie"}[name]
-            np.testing.assert_allclose(swapped[column], original[column.rsplit("_", 1)[0] + "_" + mirror])
+            other_stem = {"head": "head_other", "head_other": "head", "head_mean": "head_mean"}[stem]
+            np.testing.assert_allclose(swapped[column], original[f"{other_stem}_{mirror}"])
         elif prefix in ("prompt",) or column.startswith(("vec_absdiff_", "vec_prod_")):
             np.testing.assert_allclose(swapped[column], original[column])
     # Swapping twice gives the original back.
@@ -58,3 +61,71 @@ def test_pair_vectors():
     assert out["diff"].tolist() == [[-2.0, -3.0]]
     assert out["absdiff"].tolist() == [[2.0, 3.0]]
     assert out["prod"].tolist() == [[3.0, -2.0]]
+
+
+def test_pair_rules_and_their_mirror():
+    rules = rule_matrix([["same"], [""], ["x y"]], [["same"], ["text"], ["y z"]])
+    np.testing.assert_allclose(rules, [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 1 / 3]])
+    pair = PairInputs(rules=rules)
+    frame, swapped = feature_frame(pair, []), feature_frame(pair.swapped(), [])
+    np.testing.assert_allclose(swapped["rule_a_empty"], frame["rule_b_empty"])  # row 1: b is now the empty one
+    assert swapped.loc[1, "rule_b_empty"] == 1 and frame.loc[1, "rule_a_empty"] == 1
+    np.testing.assert_allclose(swapped["rule_identical"], frame["rule_identical"])
+
+
+def raw_vectors(n=8, d=4, seed=0, orientations=("fwd", "swp")) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"{prefix}h050_{span}_{o}": rng.normal(size=(n, d)) for prefix in ("", "base_")
+            for span in ("prompt", "a", "b", "verdict") for o in orientations}
+
+
+def test_mirror_vector_key():
+    assert mirror_vector_key("h050_a_fwd") == "h050_b_swp"
+    assert mirror_vector_key("base_h100_verdict_swp") == "base_h100_verdict_fwd"
+    assert mirror_vector_key("h075_prompt_fwd") == "h075_prompt_swp"
+
+
+def test_vector_blocks_mirror_under_swap():
+    pair = PairInputs(vectors=raw_vectors())
+    kinds = ["diff", "sum", "a", "b", "prompt", "verdict", "verdict_diff"]
+    for prefix in ("", "base_"):
+        original = vector_blocks(pair.vectors, ["h050"], kinds, ["fwd", "swp"], prefix)
+        swapped = vector_blocks(pair.swapped().vectors, ["h050"], kinds, ["fwd", "swp"], prefix)
+        np.testing.assert_allclose(swapped["h050_diff"], -original["h050_diff"])
+        np.testing.assert_allclose(swapped["h050_verdict_diff"], -original["h050_verdict_diff"])
+        np.testing.assert_allclose(swapped["h050_a"], original["h050_b"])
+        for symmetric in ("sum", "prompt", "verdict"):
+            np.testing.assert_allclose(swapped[f"h050_{symmetric}"], original[f"h050_{symmetric}"])
+
+
+def test_vector_blocks_read_response_a_for_a():
+    """A case that fails if a and b are mixed up: only response_a's vectors carry an offset."""
+    vectors = raw_vectors()
+    for o in ("fwd", "swp"):
+        vectors[f"h050_a_{o}"] = vectors[f"h050_a_{o}"] * 0 + 5.0
+        vectors[f"h050_b_{o}"] = vectors[f"h050_b_{o}"] * 0
+    blocks = vector_blocks(vectors, ["h050"], ["diff", "a", "b"], ["fwd", "swp"])
+    assert (blocks["h050_diff"] == 5).all() and (blocks["h050_a"] == 5).all() and (blocks["h050_b"] == 0).all()
+
+
+def test_single_orientation_stands_in_for_both_without_tta():
+    pair = PairInputs(vectors=raw_vectors(orientations=("fwd",)))
+    original = vector_blocks(pair.vectors, ["h050"], ["diff"], ["fwd"])
+    swapped = vector_blocks(pair.swapped().vectors, ["h050"], ["diff"], ["fwd"])
+    np.testing.assert_allclose(swapped["h050_diff"], -original["h050_diff"])
+
+
+def test_similarity_summaries_mirror_and_name_their_side():
+    pair = PairInputs(vectors=raw_vectors())
+    original = similarity_frame(pair.vectors, ["h050"], ["fwd", "swp"])
+    swapped = similarity_frame(pair.swapped().vectors, ["h050"], ["fwd", "swp"])
+    np.testing.assert_allclose(swapped["h050_cos_pa"], original["h050_cos_pb"])
+    np.testing.assert_allclose(swapped["h050_cos_pa_minus_pb"], -original["h050_cos_pa_minus_pb"])
+    np.testing.assert_allclose(swapped["h050_norm_a"], original["h050_norm_b"])
+    np.testing.assert_allclose(swapped["h050_cos_ab"], original["h050_cos_ab"])
+    vectors = raw_vectors()
+    for o in ("fwd", "swp"):
+        vectors[f"h050_a_{o}"] = vectors[f"h050_prompt_{o}"].copy()  # response_a repeats the prompt's vector
+    same = similarity_frame(vectors, ["h050"], ["fwd", "swp"])
+    np.testing.assert_allclose(same["h050_cos_pa"], 1.0, atol=1e-6)
+    assert (same["h050_cos_pb"] < 0.99).all()

@@ -16,6 +16,7 @@ import pandas as pd
 from conftest import TINY_OVERRIDES
 from pipeline import artifacts
 from pipeline.data import LABEL_COLUMNS
+from pipeline import extraction
 from pipeline.stages import embed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,10 +61,11 @@ def test_multirun_keeps_each_jobs_results_apart(tmp_path, tiny_experiment):
     before = (exp / "metrics.json").read_text()
     result = run([sys.executable, "-m", "pipeline", "-m", "stage=stack",
                   *cli(Path(cfg.paths.output_dir), Path(cfg.paths.model_cache_dir), f"exp_name={cfg.exp_name}"),
-                  "stack.pca_components=2,6"])
+                  "stack.vectors.pca_components=2,6"])
     jobs = sorted((exp / "multirun").glob("*/*/stack/metrics.json"))
     assert len(jobs) == 2, result.stdout
-    settings = [json.loads((j.parent / "model.json").read_text())["stack"]["pca_components"] for j in jobs]
+    settings = [json.loads((j.parent / "model.json").read_text())["stack"]["vectors"]["pca_components"]
+                for j in jobs]
     assert sorted(settings) == [2, 6]
     assert all((j.parent / "oof.parquet").exists() and (j.parent / "report.md").exists() for j in jobs)
     assert (exp / "metrics.json").read_text() == before  # the experiment's own stack result is untouched
@@ -101,7 +103,7 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
                          {**artifacts.read_state(copy / "embed" / "fold_1"), "done": False})
     (copy / "embed" / "fold_1" / ".train.parquet.x.tmp").write_bytes(b"half")
     shutil.rmtree(copy / "embed" / "fold_2")
-    (copy / "embed" / embed.TRAIN_FEATURES).unlink()
+    (copy / "embed" / extraction.TRAIN_FEATURES).unlink()
     fold_0_file = copy / "embed" / "fold_0" / "train.parquet"
     mtime = fold_0_file.stat().st_mtime_ns
     resumed = cfg.copy()
@@ -110,7 +112,7 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
     embed.run(resumed)
     assert fold_0_file.stat().st_mtime_ns == mtime  # finished fold not redone
     assert artifacts.read_state(copy / "embed" / "fold_2")["done"]
-    _, original = artifacts.read_feature_table(exp / "embed" / embed.TRAIN_FEATURES)
-    _, again = artifacts.read_feature_table(copy / "embed" / embed.TRAIN_FEATURES)
+    _, original = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
+    _, again = artifacts.read_feature_table(copy / "embed" / extraction.TRAIN_FEATURES)
     for name in original:
         np.testing.assert_array_equal(original[name], again[name])

@@ -30,7 +30,7 @@ def test_smollm2_end_to_end_on_shared_rows(tmp_path):
     rows.to_csv(tmp_path / "train.csv", index=False)
     cfg = compose_cfg(["model=smollm2", f"data.train={tmp_path / 'train.csv'}", f"paths.output_dir={tmp_path}",
                        "cv.n_folds=2", "model.max_length=128", "finetune.swap_augmentation=false",
-                       "stack.pca_components=4", "stack.lgbm.min_data_in_leaf=5"])
+                       "stack.vectors.pca_components=4"])
     metrics = all_stage.run(cfg)
     assert metrics["check"]["train"]["n_rows"] == 120
     assert np.isfinite(metrics["finetune"]["oof_logloss"]) and np.isfinite(metrics["stack"]["oof_logloss"])
@@ -71,5 +71,7 @@ def test_qlora_train_step_on_cuda(tmp_path, model_cache, quantization):
     dtype = modeling.compute_dtype("auto", on)
     model, stats = finetune.train_fold(cfg, 0, tmp_path / "fold_0", source, tokenizer, rows, on, dtype)
     assert stats["train_tokens"] > 0
-    probs = finetune.predict_probs(model, encoded[:8], None, tokenizer.pad_token_id, 4096, on, dtype)
-    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-3)
+    from pipeline import extraction
+
+    feats = extraction.pass_features(model, encoded[:8], None, tokenizer.pad_token_id, cfg.embed, on, dtype)
+    np.testing.assert_allclose(extraction.head_probabilities(feats).sum(axis=1), 1, rtol=1e-3)

@@ -1,11 +1,13 @@
-"""Stack and predict stages: OOF coverage, baselines, submission format, a stacker that can beat the prior."""
+"""Stack and predict stages: OOF coverage, honest baselines, submission format, members/blend/selection."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from pipeline import artifacts, inputs, stacking
 from pipeline.data import LABEL_COLUMNS
-from pipeline.features import PairInputs
+from pipeline.errors import UserError
 from pipeline.scoring import logloss, prior_probs
 from pipeline.stages import predict, stack
 from conftest import compose_cfg
@@ -18,11 +20,16 @@ def test_oof_and_metrics(tiny_experiment):
     assert oof["id"].is_unique and set(oof["id"]) == set(folds["id"])
     np.testing.assert_allclose(oof[list(LABEL_COLUMNS)].sum(axis=1), 1, rtol=1e-6)
     st = metrics["stack"]
-    assert set(st["baselines"]) == {"prior", "length", "head"}
-    assert len(st["per_fold"]) == cfg.cv.n_folds and 0 < st["oof_logloss"] < 5
-    assert (exp / "stack" / "report.md").read_text().count("| stacker |") == 1
-    assert (exp / "stack" / "reliability.png").stat().st_size > 1000
-    assert (exp / "stack" / "feature_importance.png").stat().st_size > 1000
+    assert set(st["baselines"]) == {"prior", "length", "head", "linear"}
+    assert set(st["members"]) == set(cfg.stack.blend_members)
+    assert len(st["chosen"]) == cfg.cv.n_folds
+    assert all(c in [*cfg.stack.blend_members, "blend"] for c in st["chosen"])
+    # The stacker's OOF is exactly what the chosen candidate predicted on each fold.
+    labels = inputs.load_train(cfg).frame["label"].to_numpy()
+    assert st["oof_logloss"] == pytest.approx(logloss(labels, oof[list(LABEL_COLUMNS)].to_numpy()), rel=1e-6)
+    report = (exp / "stack" / "report.md").read_text()
+    assert "\n| stacker | " in report and "## Per fold" in report and "layers" in report
+    assert artifacts.read_state(exp / "stack")["done"]
 
 
 def check_submission(path, ids):
@@ -39,6 +46,13 @@ def test_submission_in_test_order(tiny_experiment):
     check_submission(exp / "submission.csv", test["id"])
 
 
+def _overrides(cfg):
+    from conftest import TINY_OVERRIDES
+
+    return [*TINY_OVERRIDES, f"paths.output_dir={cfg.paths.output_dir}",
+            f"paths.model_cache_dir={cfg.paths.model_cache_dir}", f"exp_name={cfg.exp_name}"]
+
+
 def test_predict_scores_a_new_test_file(tiny_experiment, tmp_path):
     cfg, exp, _ = tiny_experiment
     test = pd.read_csv(next((exp.parent / "demo_data").glob("demo_test_*.csv")))
@@ -51,29 +65,137 @@ def test_predict_scores_a_new_test_file(tiny_experiment, tmp_path):
     check_submission(metrics["submission"], new["id"])
 
 
-def _overrides(cfg):
-    from conftest import TINY_OVERRIDES
+def test_predict_refit_reproduces_the_stack_submission(tiny_experiment, tmp_path):
+    """predict refits the stacker from the recorded settings: on the demo test file it gives stack's numbers."""
+    cfg, exp, _ = tiny_experiment
+    made_by_stack = pd.read_csv(exp / "submission.csv")
+    cfg = compose_cfg([*_overrides(cfg), "stage=predict"])
+    predict.run(cfg)
+    pd.testing.assert_frame_equal(pd.read_csv(exp / "submission.csv"), made_by_stack)
 
-    return [*TINY_OVERRIDES, f"paths.output_dir={cfg.paths.output_dir}",
-            f"paths.model_cache_dir={cfg.paths.model_cache_dir}", f"exp_name={cfg.exp_name}"]
+
+@pytest.mark.parametrize("override, key", [("embed.layers=[0.5]", "embed.layers"),
+                                           ("embed.pooling=last", "embed.pooling"),
+                                           ("model.max_length=100", "model.max_length"),
+                                           ("cv.n_folds=2", "cv.n_folds")])
+def test_predict_refuses_settings_other_than_the_stackers(tiny_experiment, tmp_path, override, key):
+    """A changed model/embed/cv setting would make test features the stacker never saw: refused by name."""
+    cfg, exp, _ = tiny_experiment
+    before = (exp / "submission.csv").read_text()
+    cfg = compose_cfg([*_overrides(cfg), "stage=predict", override])
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        predict.run(cfg)
+    assert (exp / "submission.csv").read_text() == before
 
 
-def test_stacker_beats_prior_on_informative_features():
-    rng = np.random.default_rng(0)
-    n, d = 900, 6
+def test_stack_refuses_features_made_with_other_embed_settings(tiny_experiment):
+    cfg, _, _ = tiny_experiment
+    with pytest.raises(UserError, match="other settings.*config_hash"):
+        stack.run(compose_cfg([*_overrides(cfg), "embed.pooling=last"]))
+
+
+def synthetic(n=600, d=6, seed=0, signal=1.0):
+    """Pairs whose response_a / response_b vectors carry the label (diff of dimension 0), plus a weak head."""
+    rng = np.random.default_rng(seed)
     labels = rng.choice(3, n, p=[0.4, 0.4, 0.2])
-    quality = np.where(labels == 0, 1.0, np.where(labels == 1, -1.0, 0.0))
-    vec_a = rng.normal(size=(n, d))
-    vec_b = rng.normal(size=(n, d))
-    vec_a[:, 0] += quality  # response_a's vector carries the signal
-    vec_b[:, 0] -= quality
-    pair = PairInputs(vec_a=vec_a, vec_b=vec_b)
-    fold_of = np.arange(n) % 3
-    cfg = compose_cfg(["stack.pca_components=0", "stack.num_boost_round=300", "stack.early_stopping_rounds=30"])
-    result = stack.cross_validate(pair, labels, fold_of, cfg, ["a", "b", "diff"])
-    prior = logloss(labels, prior_probs(labels, n))
-    assert logloss(labels, result.oof) < prior - 0.15
-    # Noise features must not beat the prior by much.
-    noise = stack.cross_validate(PairInputs(vec_a=rng.normal(size=(n, d)), vec_b=rng.normal(size=(n, d))),
-                                 labels, fold_of, cfg, ["a", "b", "diff"])
-    assert logloss(labels, noise.oof) > prior - 0.03
+    quality = np.where(labels == 0, 1.0, np.where(labels == 1, -1.0, 0.0)) * signal
+    vectors = {}
+    for orientation in ("fwd", "swp"):
+        a, b = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+        a[:, 0] += quality
+        b[:, 0] -= quality
+        vectors.update({f"h100_a_{orientation}": a, f"h100_b_{orientation}": b,
+                        f"h100_prompt_{orientation}": rng.normal(size=(n, d)),
+                        f"h100_verdict_{orientation}": rng.normal(size=(n, d))})
+    head = rng.dirichlet([5, 5, 3], n)
+    words = lambda: [[" ".join(["w"] * int(k))] for k in rng.integers(1, 30, n)]  # noqa: E731
+    frame = pd.DataFrame({"prompt": words(), "response_a": words(), "response_b": words()})
+    from pipeline.features import text_inputs
+    from dataclasses import replace
+
+    pair = replace(text_inputs(frame), head=head, head_other=head[:, [1, 0, 2]], vectors=vectors)
+    return pair, labels, np.arange(n) % 3, np.arange(n)
+
+
+def stack_cfg(*overrides):
+    return compose_cfg(["stack.vectors.pca_components=0", "stack.inner_folds=3", *overrides]).stack
+
+
+def run_cv(pair, labels, fold_of, groups, names, *overrides):
+    cfg = stack_cfg(*overrides)
+    vectors = {"layers": ["h100"], "kinds": ["diff"], "orientations": ["fwd", "swp"], "prefix": ""}
+    return stacking.cross_validate(pair, labels, fold_of, groups, cfg, stacking.members_from_config(cfg, names),
+                                   vectors, seed=0)
+
+
+def test_vector_member_learns_a_real_signal_and_not_noise():
+    pair, labels, fold_of, groups = synthetic()
+    prior = logloss(labels, prior_probs(labels, len(labels)))
+    assert logloss(labels, run_cv(pair, labels, fold_of, groups, ["vectors"]).oof) < prior - 0.15
+    noise, labels, fold_of, groups = synthetic(signal=0.0)
+    assert logloss(labels, run_cv(noise, labels, fold_of, groups, ["vectors"]).oof) > prior - 0.03
+
+
+def test_selection_never_lets_a_useless_group_spoil_the_best_member():
+    """Adding a noise-only member must leave the stacker about as good as the informative member alone."""
+    pair, labels, fold_of, groups = synthetic(signal=0.6)
+    alone = logloss(labels, run_cv(pair, labels, fold_of, groups, ["vectors"]).oof)
+    with_noise = run_cv(pair, labels, fold_of, groups, ["vectors", "text"])  # text stats are pure noise here
+    assert logloss(labels, with_noise.oof) < alone + 0.01
+
+
+def test_choices_never_see_the_scored_fold():
+    """Fold 0's OOF predictions depend only on the other folds' labels: scrambling fold 0's labels leaves them
+    unchanged (every round, weight and choice was made without them), while fold 1's, trained on fold 0, move."""
+    pair, labels, fold_of, groups = synthetic()
+    first = run_cv(pair, labels, fold_of, groups, ["head", "vectors"])
+    scrambled = labels.copy()
+    scrambled[fold_of == 0] = np.random.default_rng(1).permutation(scrambled[fold_of == 0])
+    second = run_cv(pair, scrambled, fold_of, groups, ["head", "vectors"])
+    np.testing.assert_allclose(first.oof[fold_of == 0], second.oof[fold_of == 0])
+    assert not np.allclose(first.oof[fold_of == 1], second.oof[fold_of == 1])
+
+
+def test_blend_recovers_the_informative_member():
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 3, n)
+    good = np.full((n, 3), 0.2)
+    good[np.arange(n), y] = 0.6
+    noise = rng.dirichlet([1, 1, 1], n)
+    blend = stacking.fit_blend([noise, good], y, l2=0.001)
+    assert blend.weights[1] > 1 and blend.weights[0] < 0.05
+    assert logloss(y, blend.predict([noise, good])) < logloss(y, good)
+
+
+def test_blend_is_ab_symmetric():
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet([1, 1, 1], 50) for _ in range(2)]
+    blend = stacking.Blend(np.array([0.7, 1.3]), 0.4)
+    mirrored = blend.predict([p[:, [1, 0, 2]] for p in probs])
+    np.testing.assert_allclose(mirrored, blend.predict(probs)[:, [1, 0, 2]])
+
+
+def test_any_sklearn_classifier_by_target():
+    pair, labels, fold_of, groups = synthetic()
+    result = run_cv(pair, labels, fold_of, groups, ["vectors"],
+                    "stack.members.vectors.estimator._target_=sklearn.ensemble.RandomForestClassifier",
+                    "~stack.members.vectors.estimator.max_iter", "stack.members.vectors.search={n_estimators: [50]}")
+    prior = logloss(labels, prior_probs(labels, len(labels)))
+    assert logloss(labels, result.oof) < prior - 0.05
+    assert type(result.folds[0].models["vectors"][-1]).__name__ == "RandomForestClassifier"
+
+
+def test_unknown_member_and_group_are_user_errors():
+    cfg = stack_cfg("stack.blend_members=[head,nope]")
+    with pytest.raises(UserError, match="nope"):
+        stacking.members_from_config(cfg, list(cfg.blend_members))
+    cfg = stack_cfg("stack.members.text.groups=[text,colour]")
+    with pytest.raises(UserError, match="colour"):
+        stacking.members_from_config(cfg, ["text"])
+
+
+def test_pass_through_head_member_predicts_the_tta_head():
+    pair, labels, fold_of, groups = synthetic()
+    result = run_cv(pair, labels, fold_of, groups, ["head"])
+    np.testing.assert_allclose(result.oof, (pair.head + pair.head_other) / 2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import artifacts, extraction, folds, inputs, modeling

@@ -33,32 +33,34 @@ HOW_TO_FIX = "use a new exp_name, or delete that folder to retrain it"
 
 
 class PaddingCollator:
-    """Dynamic padding to the longest row of each batch; counts real and padded tokens (padding waste)."""
+    """Dynamic padding to the longest row of each batch (picklable: it runs in dataloader workers)."""
 
     def __init__(self, pad_id: int, multiple_of: int = 1):
         self.pad_id = pad_id
         self.multiple_of = multiple_of
-        self.real_tokens = 0
-        self.padded_tokens = 0
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         ids, mask, _ = pad_batch([r["input_ids"] for r in rows], self.pad_id, multiple_of=self.multiple_of)
-        self.real_tokens += int(mask.sum())
-        self.padded_tokens += mask.numel()
         return {"input_ids": ids, "attention_mask": mask,
                 "labels": torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)}
 
-    @property
-    def waste(self) -> float:
-        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
-
-def head_lr_trainer(head_learning_rate: float | None):
-    """A Trainer whose optimizer gives the `score` head its own learning rate (a fresh head wants a larger step
-    than the LoRA adapters); the scheduler then scales both groups alike."""
+def pipeline_trainer(head_learning_rate: float | None):
+    """The HF Trainer plus two things: the optimizer can give the `score` head its own learning rate (the scheduler
+    then scales both groups alike), and real / padded tokens are counted where batches reach the model, in the
+    main process, so the counts hold with dataloader workers too."""
     from transformers import Trainer
 
-    class HeadLRTrainer(Trainer):
+    class PipelineTrainer(Trainer):
+        real_tokens = 0
+        padded_tokens = 0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs["attention_mask"]
+            self.real_tokens += int(mask.sum())
+            self.padded_tokens += mask.numel()
+            return super().training_step(model, inputs, *args, **kwargs)
+
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
             if not head_learning_rate:
@@ -75,7 +77,7 @@ def head_lr_trainer(head_learning_rate: float | None):
                 optimizer.add_param_group(group)
             return optimizer
 
-    return HeadLRTrainer
+    return PipelineTrainer
 
 
 def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair] | None, labels: np.ndarray,
@@ -100,7 +102,7 @@ def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torc
     from transformers import TrainingArguments
 
     ft = cfg.finetune
-    return TrainingArguments(
+    ours = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=ft.per_device_batch_size,
         gradient_accumulation_steps=ft.gradient_accumulation_steps,
@@ -128,6 +130,8 @@ def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torc
         deepspeed=ft.deepspeed,
         disable_tqdm=False,
     )
+    # Any other TrainingArguments field, by its own name, from finetune.training_args (it wins over ours).
+    return TrainingArguments(**{**ours, **OmegaConf.to_container(ft.training_args, resolve=True)})
 
 
 def train_fold(cfg: DictConfig, k: int, fold_dir: Path, source, tokenizer, rows: list[dict], on: torch.device,
@@ -147,15 +151,15 @@ def train_fold(cfg: DictConfig, k: int, fold_dir: Path, source, tokenizer, rows:
     if resume:
         log.info("fold %d: resuming from %s", k, resume)
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1)
-    trainer = head_lr_trainer(cfg.finetune.head_learning_rate)(model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
+    trainer = pipeline_trainer(cfg.finetune.head_learning_rate)(model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
                       data_collator=collator, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
-    stats = {"train_seconds": round(seconds, 2), "train_rows": len(rows),
-             "train_tokens": collator.real_tokens, "padded_tokens": collator.padded_tokens,
-             "tokens_per_s": round(collator.real_tokens / seconds, 1), "padding_waste": round(collator.waste, 4),
-             "resumed_from": resume}
+    real, padded = trainer.real_tokens, trainer.padded_tokens
+    stats = {"train_seconds": round(seconds, 2), "train_rows": len(rows), "train_tokens": real,
+             "padded_tokens": padded, "tokens_per_s": round(real / seconds, 1),
+             "padding_waste": round(1 - real / padded, 4) if padded else 0.0, "resumed_from": resume}
     return trainer.model, stats
 
 
@@ -213,6 +217,10 @@ def run(cfg: DictConfig) -> dict:
         if artifacts.check_state(fold_dir, setup, HOW_TO_FIX):
             log.info("fold %d: done, skipped", k)
             continue
+        started = artifacts.read_state(fold_dir)
+        if artifacts.is_main_process() and started and any(started.get(key) != v for key, v in setup.items()):
+            # Started with other settings (e.g. a crash on a bad one): its checkpoints are not this run's.
+            shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)
         if artifacts.is_main_process():
             artifacts.write_json(fold_dir / artifacts.STATE_FILE, {"done": False, **setup})
         train_index = np.flatnonzero(fold_of != k)
@@ -256,7 +264,8 @@ def run(cfg: DictConfig) -> dict:
     if pending:
         print(f"finetune: folds {pending} still to train (finetune.folds={list(fold_list(cfg))} done)")
         return {"pending_folds": pending}
-    oof = pd.concat([pd.read_parquet(stage_dir / f"fold_{k}" / "oof.parquet") for k in range(cfg.cv.n_folds)])
+    oof = pd.concat([artifacts.read_parquet(stage_dir / f"fold_{k}" / "oof.parquet", f"delete {stage_dir / f'fold_{k}'} "
+                                            "to retrain that fold") for k in range(cfg.cv.n_folds)])
     oof["id"] = oof["id"].astype(str)
     oof = oof.set_index("id").loc[frame["id"]].reset_index()
     artifacts.write_parquet(stage_dir / "oof.parquet", oof)
