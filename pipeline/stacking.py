@@ -416,60 +416,63 @@ def score(cfg: DictConfig, with_test: bool = False, baselines: bool = True) -> d
     """Cross-validate stage two (and the baselines) on an experiment's features; returns metrics plus the arrays
     the stack stage writes (keys `_...`). Deterministic for a given config: stage=predict refits with it."""
     exp = artifacts.exp_dir(cfg)
-    train = inputs.load_train(cfg)
-    frame = train.frame
+    frame = inputs.load_train(cfg).frame
     fold_frame = folds.load_or_create(exp, frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
-    fold_of = fold_frame["fold"].to_numpy()
-    groups = folds.group_keys(frame, cfg.cv.group_by)
-    labels = frame["label"].to_numpy()
     matrices = load_train_features(exp, frame, fold_frame, cfg)
-    vectors = vector_settings(cfg.stack, matrices)
-    pair = stacker_inputs(frame, matrices)
     test = inputs.load_test(cfg) if with_test else None
     test_pair = stacker_inputs(test.frame, test_features(cfg, exp, test)) if test is not None else None
-    seed = int(cfg.seed)
+    metrics = evaluate(stacker_inputs(frame, matrices), frame["label"].to_numpy(), fold_frame["fold"].to_numpy(),
+                       folds.group_keys(frame, cfg.cv.group_by), cfg, vector_settings(cfg.stack, matrices),
+                       test_pair, baselines)
+    metrics["_frame"] = frame
+    metrics["_test_ids"] = None if test is None else test.frame["id"].to_numpy()
+    return metrics
 
+
+def evaluate(pair: PairInputs, labels: np.ndarray, fold_of: np.ndarray, groups: np.ndarray, cfg: DictConfig,
+             vectors: dict, test_pair: PairInputs | None = None, baselines: bool = True) -> dict:
+    """Stage two and the baselines (prior, length = the text member, head, linear) on the given folds."""
+    seed = int(cfg.seed)
+    n_folds = int(fold_of.max()) + 1
     names = list(cfg.stack.blend_members)
-    stacker = cross_validate(pair, labels, fold_of, groups, cfg.stack,
-                                      members_from_config(cfg.stack, names), vectors, seed, test_pair)
+    stacker = cross_validate(pair, labels, fold_of, groups, cfg.stack, members_from_config(cfg.stack, names),
+                             vectors, seed, test_pair)
+    metrics = {"oof_logloss": logloss(labels, stacker.oof), "accuracy": accuracy(labels, stacker.oof),
+               "chosen": [f.chosen for f in stacker.folds], "_oof": stacker.oof, "_test": stacker.test}
     if not baselines:
-        return {"_test": stacker.test, "_test_ids": None if test is None else test.frame["id"].to_numpy(),
-                "oof_logloss": logloss(labels, stacker.oof)}
+        return metrics
     member_oof = dict(stacker.member_oof)
     for baseline in ("text", "linear"):
         if baseline not in member_oof:
-            member_oof[baseline] = cross_validate(
-                pair, labels, fold_of, groups, cfg.stack, members_from_config(cfg.stack, [baseline]),
-                vectors, seed).oof
+            member_oof[baseline] = cross_validate(pair, labels, fold_of, groups, cfg.stack,
+                                                  members_from_config(cfg.stack, [baseline]), vectors, seed).oof
     head = head_prediction(pair)
-    prior = fold_prior(labels, fold_of)
-    baselines = {"prior": prior, "length": member_oof["text"], "head": head, "linear": member_oof["linear"]}
-    metrics = {
-        "oof_logloss": logloss(labels, stacker.oof),
-        "accuracy": accuracy(labels, stacker.oof),
-        "per_fold": [logloss(labels[fold_of == k], stacker.oof[fold_of == k]) for k in range(cfg.cv.n_folds)],
-        "chosen": [f.chosen for f in stacker.folds],
+    reference = {"prior": fold_prior(labels, fold_of), "length": member_oof["text"], "head": head,
+                 "linear": member_oof["linear"]}
+
+    def per_fold(probs: np.ndarray) -> list[float]:
+        return [logloss(labels[fold_of == k], probs[fold_of == k]) for k in range(n_folds)]
+
+    metrics.update({
+        "per_fold": per_fold(stacker.oof),
         "inner_losses": [{n: round(v, 4) for n, v in f.inner_losses.items()} for f in stacker.folds],
         "blend": [f.blend for f in stacker.folds],
         "params": [f.params for f in stacker.folds],
         "members": {name: logloss(labels, probs) for name, probs in stacker.member_oof.items()},
-        "baselines": {name: logloss(labels, probs) for name, probs in baselines.items()},
-        "baseline_accuracy": {name: accuracy(labels, probs) for name, probs in baselines.items()},
-        "baseline_per_fold": {name: [logloss(labels[fold_of == k], probs[fold_of == k])
-                                     for k in range(cfg.cv.n_folds)] for name, probs in baselines.items()},
+        "baselines": {name: logloss(labels, probs) for name, probs in reference.items()},
+        "baseline_accuracy": {name: accuracy(labels, probs) for name, probs in reference.items()},
+        "baseline_per_fold": {name: per_fold(probs) for name, probs in reference.items()},
         "features": {"blend_members": names, "groups": {m: list(cfg.stack.members[m].groups) for m in names},
                      "estimators": {m: (cfg.stack.members[m].estimator or {}).get("_target_", "head (pass-through)")
                                     for m in names},
-                     "vectors": {k: v for k, v in vectors.items()}, "pca_components": int(cfg.stack.vectors.pca_components),
+                     "vectors": dict(vectors), "pca_components": int(cfg.stack.vectors.pca_components),
                      "cv_group_by": cfg.cv.group_by},
-    }
-    metrics["gain_over_best_baseline"] = min(v for k, v in metrics["baselines"].items() if k != "linear") - \
+    })
+    metrics["gain_over_best_baseline"] = min(metrics["baselines"][k] for k in ("prior", "length", "head")) - \
         metrics["oof_logloss"]
-    metrics["_oof"], metrics["_test"], metrics["_plots"] = stacker.oof, stacker.test, {
-        "stacker": stacker.oof, "head": head, "length": member_oof["text"], "linear": member_oof["linear"]}
-    metrics["_frame"], metrics["_fold_of"], metrics["_labels"], metrics["_folds"] = frame, fold_of, labels, \
-        stacker.folds
-    metrics["_test_ids"] = None if test is None else test.frame["id"].to_numpy()
+    metrics["_plots"] = {"stacker": stacker.oof, "head": head, "length": member_oof["text"],
+                         "linear": member_oof["linear"]}
+    metrics["_fold_of"], metrics["_labels"], metrics["_folds"] = fold_of, labels, stacker.folds
     return metrics
 
 
