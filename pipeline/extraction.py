@@ -13,14 +13,15 @@ Feature table columns (embed/fold_k/train.parquet, embed/train_features.parquet,
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline import artifacts, inputs
+from pipeline import artifacts, inputs, setups
 from pipeline.data import swap_probabilities
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair
@@ -29,8 +30,6 @@ from pipeline.inference import forward_pass, softmax
 TRAIN_FEATURES = "train_features.parquet"
 TEST_FEATURES = "features.parquet"
 MANIFEST = "manifest.json"
-# Embed settings that change how a pass runs, not what it computes (a row's features do not depend on them).
-OPERATIONAL_KEYS = ("batch_tokens", "padding_side")
 STORAGE_DTYPES = ("float16", "float32")
 POOLINGS = ("mean", "last")
 
@@ -48,14 +47,6 @@ def validate(embed_cfg: DictConfig) -> None:
                         "(1.0 = the final norm the head reads)")
     if int(embed_cfg.batch_tokens) < 1:
         raise UserError(f"embed.batch_tokens={embed_cfg.batch_tokens}: must be a positive token budget")
-
-
-def embed_setup(cfg: DictConfig, finetune_state: dict) -> dict:
-    """What finished embed folds must agree with: the adapters they read (the finetune setup, which covers the
-    model, formatting and data), and every result-changing embed setting."""
-    learned = {k: v for k, v in OmegaConf.to_container(cfg.embed, resolve=True).items() if k not in OPERATIONAL_KEYS}
-    return {"seed": int(cfg.seed), "finetune": finetune_state["config_hash"], "data": finetune_state["data"],
-            "config_hash": artifacts.config_hash(learned)}
 
 
 def is_current(fold_dir: Path, setup: dict) -> bool:
@@ -216,7 +207,7 @@ def extract_missing(cfg: DictConfig, exp: Path, ft_states: list[dict], setup: di
                            np.full(len(test_enc), -1), feats, cfg.embed.storage_dtype)
 
 
-def combine_train(stage_dir: Path, cfg: DictConfig, train_ids: np.ndarray) -> int | None:
+def combine_train(stage_dir: Path, cfg: DictConfig, train_ids: np.ndarray, labels: np.ndarray) -> int | None:
     """Gather the folds' OOF features into train_features.parquet in data order, with the manifest the leak
     check reads. Returns the vectors' width."""
     n_folds = cfg.cv.n_folds
@@ -225,8 +216,10 @@ def combine_train(stage_dir: Path, cfg: DictConfig, train_ids: np.ndarray) -> in
     scalars = pd.concat([p[0] for p in parts], ignore_index=True)
     order = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str)).loc[train_ids].to_numpy()
     matrices = {name: np.concatenate([p[1][name] for p in parts])[order] for name in parts[0][1]}
-    write_features(stage_dir / TRAIN_FEATURES, train_ids, scalars["fold"].to_numpy()[order], matrices,
-                   cfg.embed.storage_dtype)
+    artifacts.write_feature_table(stage_dir / TRAIN_FEATURES, {"id": np.asarray(train_ids).astype(str),
+                                                               "fold": scalars["fold"].to_numpy()[order],
+                                                               "label": np.asarray(labels)},
+                                  matrices, dtype=cfg.embed.storage_dtype)
     artifacts.write_json(stage_dir / MANIFEST, {
         "train": {f"fold_{k}": {key: s[key] for key in ("adapter", "adapter_train_folds", "scored_fold",
                                                         "n_train_rows")} for k, s in enumerate(states)},
@@ -255,9 +248,45 @@ def average_test(folder: Path, test, cfg: DictConfig, ft_states: list[dict]) -> 
 def ensure_test_features(cfg: DictConfig, exp: Path, test, test_path: Path) -> Path:
     """The averaged test feature file for `test`, extracting only the folds still missing."""
     ft_states = finetune_fold_states(exp, cfg.cv.n_folds, artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))
-    setup = embed_setup(cfg, ft_states[0])
+    setup = setups.embed_setup(cfg, ft_states[0])
     folder = test_dir(exp / "embed", test_path, setup)
     if not (folder / TEST_FEATURES).exists():
         extract_missing(cfg, exp, ft_states, setup, None, (test, folder))
         average_test(folder, test, cfg, ft_states)
     return folder / TEST_FEATURES
+
+
+@dataclass
+class OOFFeatures:
+    """An experiment's out-of-fold features as plain arrays, rows in train-file order."""
+
+    ids: np.ndarray                  # (n,) str
+    folds: np.ndarray                # (n,) the experiment's fold of each row
+    labels: np.ndarray               # (n,) 0 = a wins, 1 = b wins, 2 = tie
+    head: np.ndarray                 # (n, 3) head probabilities, swap TTA averaged
+    vectors: dict[str, np.ndarray]   # "{layer}_{span}_{orientation}" -> (n, hidden), see the module docstring
+
+    def frame(self) -> pd.DataFrame:
+        """One DataFrame: id, fold, label, head_a/head_b/head_tie and one column per vector dimension."""
+        columns = {"id": self.ids, "fold": self.folds, "label": self.labels,
+                   **{f"head_{c}": self.head[:, j] for j, c in enumerate(("a", "b", "tie"))}}
+        for name, matrix in self.vectors.items():
+            columns.update({f"{name}_{j}": matrix[:, j] for j in range(matrix.shape[1])})
+        return pd.DataFrame(columns)
+
+
+def load_oof_features(exp: str | Path) -> OOFFeatures:
+    """The vectors for your own model: every row's OOF features (from the adapter that never trained on it) with
+    the experiment's folds and labels, so any classifier can be fitted on exactly our folds.
+
+        from pipeline.extraction import load_oof_features
+        oof = load_oof_features("outputs/shared_ties")
+        for k in np.unique(oof.folds): train, valid = oof.folds != k, oof.folds == k ...
+    """
+    path = Path(exp) / "embed" / TRAIN_FEATURES
+    if not path.exists():
+        raise UserError(f"{path} not found; run stage=embed (or stage=all) for this experiment first")
+    scalars, matrices = artifacts.read_feature_table(path)
+    head = (matrices.pop("head") + matrices.pop("head_swapped")) / 2
+    return OOFFeatures(scalars["id"].astype(str).to_numpy(), scalars["fold"].to_numpy(),
+                       scalars["label"].to_numpy(), head, matrices)

@@ -30,7 +30,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import artifacts, extraction, folds, inputs
+from pipeline import artifacts, extraction, folds, inputs, setups
 from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
 from pipeline.errors import UserError
 from pipeline.features import PairInputs, feature_frame, similarity_frame, text_inputs, vector_blocks
@@ -383,7 +383,7 @@ def load_train_features(exp: Path, frame: pd.DataFrame, fold_frame: pd.DataFrame
     if not path.exists() or not manifest_path.exists():
         raise UserError(f"{path} not found; run stage=embed first")
     manifest = artifacts.read_json(manifest_path)
-    expected = extraction.embed_setup(cfg, extraction.finetune_fold_states(
+    expected = setups.embed_setup(cfg, extraction.finetune_fold_states(
         exp, cfg.cv.n_folds, artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))[0])
     changed = [k for k, v in expected.items() if manifest.get("setup", {}).get(k) != v]
     if changed:
@@ -404,7 +404,7 @@ def test_features(cfg: DictConfig, exp: Path, test) -> dict[str, np.ndarray]:
     """The test file's averaged features, made by finetune/embed with the current setup (never extracted here)."""
     ft_states = extraction.finetune_fold_states(exp, cfg.cv.n_folds,
                                                 artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))
-    folder = extraction.test_dir(exp / "embed", inputs.data_paths(cfg)[1], extraction.embed_setup(cfg, ft_states[0]))
+    folder = extraction.test_dir(exp / "embed", inputs.data_paths(cfg)[1], setups.embed_setup(cfg, ft_states[0]))
     path = folder / extraction.TEST_FEATURES
     if not path.exists():
         raise UserError(f"no features for data.test={inputs.data_paths(cfg)[1]} with this setup; run stage=embed "
@@ -474,15 +474,6 @@ def evaluate(pair: PairInputs, labels: np.ndarray, fold_of: np.ndarray, groups: 
                          "linear": member_oof["linear"]}
     metrics["_fold_of"], metrics["_labels"], metrics["_folds"] = fold_of, labels, stacker.folds
     return metrics
-
-
-def recorded_setup(cfg: DictConfig) -> dict:
-    """Every setting that decides what the stacker learned from; stage=predict must run with the same."""
-    embed = {k: v for k, v in OmegaConf.to_container(cfg.embed, resolve=True).items()
-             if k not in extraction.OPERATIONAL_KEYS}
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "embed": embed,
-            "cv": OmegaConf.to_container(cfg.cv, resolve=True), "seed": int(cfg.seed),
-            "data": artifacts.file_fingerprint(inputs.data_paths(cfg)[0])}
 
 
 def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray) -> None:

@@ -139,3 +139,18 @@ def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
             stack.run(cfg)
     finally:
         (exp / "embed" / extraction.MANIFEST).write_text(original)
+
+
+def test_load_oof_features_for_your_own_model(tiny_experiment):
+    """One call gives ids, folds, labels, head and vectors as arrays aligned with folds.parquet."""
+    from pipeline.extraction import load_oof_features
+
+    cfg, exp, _ = tiny_experiment
+    oof = load_oof_features(exp)
+    folds = pd.read_parquet(exp / "folds.parquet")
+    assert list(oof.ids) == list(folds["id"].astype(str)) and (oof.folds == folds["fold"].to_numpy()).all()
+    labels = inputs.load_train(cfg).frame["label"].to_numpy()
+    assert (oof.labels == labels).all()
+    np.testing.assert_allclose(oof.head.sum(axis=1), 1, atol=1e-2)
+    frame = oof.frame()
+    assert len(frame) == len(labels) and "h100_a_fwd_0" in frame.columns

@@ -103,3 +103,64 @@ def test_killed_fold_resumes_from_trainer_checkpoint(tiny_cfg, tmp_path):
     _, second = finetune.train_fold(cfg, 0, fold_dir, source, tokenizer, rows, on, dtype)
     assert second["resumed_from"].endswith("checkpoint-4")
     assert second["train_rows"] == len(rows)
+
+
+def test_token_counts_hold_with_dataloader_workers(tiny_cfg, tmp_path):
+    """With workers the collator runs in other processes: counts come from where batches reach the model."""
+    cfg = tiny_cfg("finetune.max_steps=2", "finetune.dataloader_num_workers=2")
+    source, tokenizer, frame = tiny_setup(cfg)
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    rows = finetune.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
+    _, stats = finetune.train_fold(cfg, 0, tmp_path / "fold_0", source, tokenizer, rows, torch.device("cpu"),
+                                   torch.float32)
+    # 2 steps of 16 rows each, every row of the tiny demo data at least 100 tokens after formatting.
+    assert stats["train_tokens"] >= 2 * 16 * 100 and stats["padded_tokens"] >= stats["train_tokens"]
+
+
+def test_training_arguments_and_lora_fields_by_their_own_names(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("finetune.training_args.optim=adafactor", "finetune.training_args.max_grad_norm=0.5",
+                   "+finetune.training_args.lr_scheduler_kwargs={}", "+finetune.lora.use_rslora=true",
+                   "finetune.lora.r=4")
+    args = finetune.training_arguments(cfg, tmp_path, 0, torch.float32, torch.device("cpu"))
+    assert args.optim == "adafactor" and args.max_grad_norm == 0.5
+    source, tokenizer, _ = tiny_setup(cfg)
+    model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.float32,
+                                                       torch.device("cpu")), cfg.model, cfg.finetune.lora, False)
+    config = model.peft_config["default"]
+    assert config.use_rslora and config.r == 4 and "score" in config.modules_to_save
+
+
+def test_head_gets_its_own_learning_rate(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("finetune.head_learning_rate=0.02", "finetune.learning_rate=0.001")
+    source, tokenizer, _ = tiny_setup(cfg)
+    model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.float32,
+                                                       torch.device("cpu")), cfg.model, cfg.finetune.lora, False)
+    trainer = finetune.pipeline_trainer(0.02)(model=model, args=finetune.training_arguments(
+        cfg, tmp_path, 0, torch.float32, torch.device("cpu")), train_dataset=[{"input_ids": [1], "labels": 0}])
+    optimizer = trainer.create_optimizer()
+    head = {id(p) for n, p in model.named_parameters() if "score" in n and p.requires_grad}
+    lrs = {("head" if id(p) in head else "lora"): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs == {"head": 0.02, "lora": 0.001}
+
+
+def test_verdict_token_head_init_copies_the_lms_rows(tiny_cfg):
+    cfg = tiny_cfg()
+    source, tokenizer, _ = tiny_setup(cfg)
+    model = modeling.load_classifier(source, cfg.model, tokenizer, torch.float32, torch.device("cpu"))
+    modeling.init_head_from_verdict_tokens(model, tokenizer, source, [" A", " B", " tie"])
+    from transformers import AutoModelForCausalLM
+
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" A", " B", " tie")]
+    # The tiny Llama does not tie its embeddings: the rows come from the checkpoint's lm_head.
+    rows = AutoModelForCausalLM.from_pretrained(source).lm_head.weight[ids].detach()
+    torch.testing.assert_close(model.score.weight.detach(), rows - rows.mean(0, keepdim=True))
+
+
+def test_extra_rows_must_be_other_rows(tiny_cfg, tmp_path):
+    from pipeline.errors import UserError
+
+    cfg = tiny_cfg()
+    train_path = inputs.data_paths(cfg)[0]
+    cfg.data.extra = str(train_path)
+    with pytest.raises(UserError, match="ids also in data.train"):
+        inputs.load_extra(cfg, inputs.load_train(cfg))

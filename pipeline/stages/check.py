@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import artifacts, folds, inputs, modeling
+from pipeline import artifacts, folds, inputs, modeling, validation
 from pipeline.data import PairData
 from pipeline.formatting import MARKERS, segment_text, tokenizer_fn
 
@@ -52,7 +52,7 @@ def summarise(data: PairData, tokenizer, max_length: int) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    modeling.validate(cfg.model)
+    validation.validate(cfg)  # the whole config the other stages will run with
     exp = artifacts.exp_dir(cfg)
     train = inputs.load_train(cfg)
     test = inputs.load_test(cfg)

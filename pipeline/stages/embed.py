@@ -11,20 +11,18 @@ import logging
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, extraction, folds, inputs, modeling
+from pipeline import artifacts, extraction, folds, inputs, setups
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    modeling.validate(cfg.model)
-    extraction.validate(cfg.embed)
     exp = artifacts.exp_dir(cfg)
     train, test = inputs.load_train(cfg), inputs.load_test(cfg)
     fold_of = folds.load_or_create(exp, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)["fold"].to_numpy()
     ft_states = extraction.finetune_fold_states(exp, cfg.cv.n_folds,
                                                 artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))
-    setup = extraction.embed_setup(cfg, ft_states[0])
+    setup = setups.embed_setup(cfg, ft_states[0])
     artifacts.write_manifest(exp, cfg, "embed")
     if not artifacts.is_main_process():
         return {}
@@ -35,7 +33,7 @@ def run(cfg: DictConfig) -> dict:
     test_job = (test, extraction.test_dir(stage_dir, test_path, setup)) if test is not None else None
     extraction.extract_missing(cfg, exp, ft_states, setup, (train, fold_of, missing), test_job)
     ids = train.frame["id"].to_numpy().astype(str)
-    width = extraction.combine_train(stage_dir, cfg, ids)
+    width = extraction.combine_train(stage_dir, cfg, ids, train.frame["label"].to_numpy())
     if test_job is not None:
         extraction.average_test(test_job[1], test, cfg, ft_states)
     metrics = {"n_train_rows": int(len(ids)), "n_test_rows": 0 if test is None else int(len(test.frame)),

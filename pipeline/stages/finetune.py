@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, extraction, folds, inputs, modeling
+from pipeline import artifacts, extraction, folds, inputs, modeling, setups
 from pipeline.data import LABEL_COLUMNS, swap_label
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair, encode_frame
@@ -27,8 +27,6 @@ from pipeline.inference import pad_batch
 from pipeline.scoring import accuracy, fold_prior, logloss
 
 log = logging.getLogger(__name__)
-# Settings that change how a run is operated, not what it learns: changing them keeps finished folds valid.
-OPERATIONAL_KEYS = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "deepspeed", "folds")
 HOW_TO_FIX = "use a new exp_name, or delete that folder to retrain it"
 
 
@@ -87,15 +85,6 @@ def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair] | None,
     if swap_augmentation:
         rows += [{"input_ids": swapped[i].input_ids, "labels": swap_label(labels[i])} for i in index]
     return rows
-
-
-def fold_setup(cfg: DictConfig, data_fingerprint: str | None, extra_fingerprint: str | None) -> dict:
-    """What a finished fold must agree with to be reused (seed checked on resume)."""
-    learned = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
-               if k not in OPERATIONAL_KEYS}
-    return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds), "data": data_fingerprint, "extra": extra_fingerprint,
-            "config_hash": artifacts.config_hash({"model": cfg.model, "finetune": learned,
-                                                  "cv_group_by": cfg.cv.group_by})}
 
 
 def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torch.dtype, on: torch.device):
@@ -179,8 +168,6 @@ def fold_list(cfg: DictConfig) -> list[int]:
 
 
 def run(cfg: DictConfig) -> dict:
-    modeling.validate(cfg.model)
-    extraction.validate(cfg.embed)
     exp = artifacts.exp_dir(cfg)
     stage_dir = exp / "finetune"
     train = inputs.load_train(cfg)
@@ -204,10 +191,9 @@ def run(cfg: DictConfig) -> dict:
             else None
         extra_rows = training_rows(extra_enc, extra_swp, extra.frame["label"].to_numpy(),
                                    np.arange(len(extra_enc)), cfg.finetune.swap_augmentation)
-    setup = fold_setup(cfg, artifacts.file_fingerprint(inputs.data_paths(cfg)[0]),
-                       artifacts.file_fingerprint(cfg.data.extra))
+    setup = setups.finetune_setup(cfg)
     embed_dir = exp / "embed"
-    embed_setup = extraction.embed_setup(cfg, setup)
+    embed_setup = setups.embed_setup(cfg, setup)
     test_folder = extraction.test_dir(embed_dir, inputs.data_paths(cfg)[1], embed_setup) if test is not None else None
     test_enc = test_swp = None
     artifacts.write_manifest(exp, cfg, "finetune")

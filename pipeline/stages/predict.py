@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, extraction, inputs, stacking
+from pipeline import artifacts, extraction, inputs, setups, stacking
 from pipeline.errors import UserError
 
 
@@ -32,7 +32,7 @@ def recorded_config(cfg: DictConfig, exp) -> DictConfig:
     if not artifacts.read_state(exp / "stack") or not model_file.exists():
         raise UserError(f"{exp / 'stack'} holds no finished stacker; run stage=stack (or stage=all) first")
     saved = artifacts.read_json(model_file)
-    differ = differing_keys(saved["setup"], stacking.recorded_setup(cfg))
+    differ = differing_keys(saved["setup"], setups.stack_setup(cfg))
     if differ:
         raise UserError(f"this command line differs from the settings the stacker of {exp} was trained with: "
                         f"{', '.join(differ)}; drop those overrides (or re-run stage=all)")

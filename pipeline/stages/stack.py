@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, inputs, report, stacking
+from pipeline import artifacts, inputs, report, setups, stacking
 from pipeline.data import LABEL_COLUMNS
 from pipeline.scoring import logloss
 
@@ -76,7 +76,7 @@ def save(out: Path, cfg: DictConfig, full: dict) -> None:
                     booster.save_model(str(tmp))
     artifacts.write_json(out / stacking.MODEL_FILE, {
         "stack": OmegaConf.to_container(cfg.stack, resolve=True), "n_folds": int(cfg.cv.n_folds),
-        "setup": stacking.recorded_setup(cfg)})
+        "setup": setups.stack_setup(cfg)})
     artifacts.mark_done(out, {"oof_logloss": logloss(full["_labels"], full["_oof"])})
 
 

@@ -1,0 +1,41 @@
+"""What each stage's results depend on, declared once: the settings that change results (hashed into every done-
+marker and checked on reuse) versus the settings that only change how a run operates (free to differ)."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import artifacts, inputs
+
+# Settings that change how a run is operated, not what it computes: changing them keeps finished work valid.
+FINETUNE_OPERATIONAL = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "deepspeed", "folds")
+EMBED_OPERATIONAL = ("batch_tokens", "padding_side")
+
+
+def _learned(node: DictConfig, operational: tuple[str, ...]) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in operational}
+
+
+def finetune_setup(cfg: DictConfig) -> dict:
+    """What a finished fine-tune fold must agree with to be reused: seed, folds, train (and extra) file contents,
+    and the model, formatting and fine-tune settings."""
+    return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
+            "data": artifacts.file_fingerprint(inputs.data_paths(cfg)[0]),
+            "extra": artifacts.file_fingerprint(cfg.data.extra),
+            "config_hash": artifacts.config_hash({"model": cfg.model,
+                                                  "finetune": _learned(cfg.finetune, FINETUNE_OPERATIONAL),
+                                                  "cv_group_by": cfg.cv.group_by})}
+
+
+def embed_setup(cfg: DictConfig, finetune_state: dict) -> dict:
+    """What finished embed folds must agree with: the adapters they read (the finetune setup, which covers the
+    model, formatting and data), and every result-changing embed setting."""
+    return {"seed": int(cfg.seed), "finetune": finetune_state["config_hash"], "data": finetune_state["data"],
+            "config_hash": artifacts.config_hash(_learned(cfg.embed, EMBED_OPERATIONAL))}
+
+
+def stack_setup(cfg: DictConfig) -> dict:
+    """Every setting that decides what the stacker learned from; stage=predict must run with the same."""
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "embed": _learned(cfg.embed, EMBED_OPERATIONAL),
+            "cv": OmegaConf.to_container(cfg.cv, resolve=True), "seed": int(cfg.seed),
+            "data": artifacts.file_fingerprint(inputs.data_paths(cfg)[0])}
