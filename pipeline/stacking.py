@@ -7,8 +7,8 @@ For each outer fold k (the experiment's folds), on the rows of the other folds o
    split of those rows, then is refitted on all of them;
 3. a log-linear pool of the members' probabilities (one non-negative weight per member and a tie bias) is fitted
    on the members' inner out-of-fold predictions;
-4. with `select`, the candidate (the blend, or one member alone, the head included) with the lowest inner-CV
-   log loss is what scores fold k.
+4. with `select`, a member alone (the head included) replaces the blend for fold k only when it beats the blend
+   on the inner split by more than `select_z` standard errors of the paired per-row log-loss difference.
 Nothing fitted or chosen ever sees fold k's labels, so the OOF numbers are what new prompts would get. Every model
 is A/B symmetric: trained on both orientations (labels swapped) and averaged with its mirrored prediction.
 """
@@ -186,10 +186,11 @@ def fit_symmetric(model, x: Design, y: np.ndarray, symmetric: bool):
     return model
 
 
-def predict_symmetric(model, x: Design, symmetric: bool) -> np.ndarray:
-    probs = _three_columns(model, model.predict_proba(x.original))
+def predict_symmetric(model, x: Design, symmetric: bool, **predict_params) -> np.ndarray:
+    probs = _three_columns(model, model.predict_proba(x.original, **predict_params))
     if symmetric:
-        probs = (probs + swap_probabilities(_three_columns(model, model.predict_proba(x.mirrored)))) / 2
+        probs = (probs + swap_probabilities(_three_columns(model, model.predict_proba(x.mirrored,
+                                                                                    **predict_params)))) / 2
     return probs
 
 
@@ -212,17 +213,39 @@ class MemberFit:
     model: object | None        # refitted on all training rows (None for the pass-through head)
 
 
+def _inner_predictions(member: Member, x: Design, y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
+                       symmetric: bool, seed: int):
+    """(params, inner OOF predictions) for every grid point. A LightGBM member searched over n_estimators alone is
+    fitted once per inner split at the largest count and read at each count (the same trees, 1/len(grid) the
+    work)."""
+    staged = list(member.search) == ["n_estimators"] and \
+        str(member.estimator.get("_target_", "")).endswith("LGBMClassifier")
+    if not staged:
+        for params in member.grid():
+            oof = np.zeros((len(y), 3))
+            for inner_train, inner_valid in inner:
+                model = fit_symmetric(member.build(params, seed), x.rows(inner_train), y[inner_train], symmetric)
+                oof[inner_valid] = predict_symmetric(model, x.rows(inner_valid), symmetric)
+            yield params, oof
+        return
+    counts = sorted(member.search["n_estimators"])
+    oofs = {n: np.zeros((len(y), 3)) for n in counts}
+    for inner_train, inner_valid in inner:
+        model = fit_symmetric(member.build({"n_estimators": counts[-1]}, seed), x.rows(inner_train),
+                              y[inner_train], symmetric)
+        for n in counts:
+            oofs[n][inner_valid] = predict_symmetric(model, x.rows(inner_valid), symmetric, num_iteration=n)
+    for n in counts:
+        yield {"n_estimators": n}, oofs[n]
+
+
 def fit_member(member: Member, x: Design | None, y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
                head: np.ndarray, symmetric: bool, seed: int) -> MemberFit:
     """Choose the member's hyper-parameters on the inner split, then refit it on every training row."""
     if member.estimator is None:
         return MemberFit(head, logloss(y, head), {}, None)
     best: MemberFit | None = None
-    for params in member.grid():
-        oof = np.zeros((len(y), 3))
-        for inner_train, inner_valid in inner:
-            model = fit_symmetric(member.build(params, seed), x.rows(inner_train), y[inner_train], symmetric)
-            oof[inner_valid] = predict_symmetric(model, x.rows(inner_valid), symmetric)
+    for params, oof in _inner_predictions(member, x, y, inner, symmetric, seed):
         loss = logloss(y, oof)
         if best is None or loss < best.inner_loss:
             best = MemberFit(oof, loss, params, None)
@@ -258,14 +281,32 @@ def fit_blend(member_probs: list[np.ndarray], y: np.ndarray, l2: float) -> Blend
     return Blend(result.x[:-1], float(result.x[-1]))
 
 
-def blend_inner_loss(member_probs: list[np.ndarray], y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
-                     l2: float) -> float:
-    """The blend's own inner-CV loss: fitted on the other inner folds' member predictions, scored on this one."""
+def blend_inner_oof(member_probs: list[np.ndarray], y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
+                    l2: float) -> np.ndarray:
+    """The blend's own inner-CV predictions: fitted on the other inner folds' member predictions."""
     oof = np.zeros((len(y), 3))
     for inner_train, inner_valid in inner:
         blend = fit_blend([p[inner_train] for p in member_probs], y[inner_train], l2)
         oof[inner_valid] = blend.predict([p[inner_valid] for p in member_probs])
-    return logloss(y, oof)
+    return oof
+
+
+def row_losses(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1))
+
+
+def select_candidate(y: np.ndarray, blend_oof: np.ndarray, member_oof: dict[str, np.ndarray], z: float) -> str:
+    """The blend, unless a single member beats it on the inner split by more than z standard errors of the
+    paired per-row log-loss difference: candidates this close are told apart by noise, and the blend already
+    contains each member."""
+    blend_rows = row_losses(y, blend_oof)
+    best, best_gain = "blend", 0.0
+    for name, probs in member_oof.items():
+        diff = blend_rows - row_losses(y, probs)
+        gain, se = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
+        if gain > z * se and gain > best_gain:
+            best, best_gain = name, gain
+    return best
 
 
 # ------------------------------------------------------------------------------------------------ cross-fitting
@@ -321,11 +362,12 @@ def fit_fold(pair: PairInputs, y: np.ndarray, train: np.ndarray, valid: np.ndarr
     blend = fit_blend([fits[n].inner_oof for n in names], y[train], l2)
     inner_losses = {n: fits[n].inner_loss for n in names}
     if len(names) > 1:
-        inner_losses["blend"] = blend_inner_loss([fits[n].inner_oof for n in names], y[train], inner, l2)
-        candidates = inner_losses if stack_cfg.select else {"blend": inner_losses["blend"]}
+        blend_oof = blend_inner_oof([fits[n].inner_oof for n in names], y[train], inner, l2)
+        inner_losses["blend"] = logloss(y[train], blend_oof)
+        chosen = select_candidate(y[train], blend_oof, {n: fits[n].inner_oof for n in names},
+                                  float(stack_cfg.select_z)) if stack_cfg.select else "blend"
     else:
-        candidates = {names[0]: inner_losses[names[0]]}
-    chosen = min(candidates, key=candidates.get)
+        chosen = names[0]
     if chosen == "blend":
         probs = blend.predict([member_probs[n] for n in names])
         test_probs = blend.predict([member_test[n] for n in names]) if test is not None else None

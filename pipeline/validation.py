@@ -62,6 +62,7 @@ def validate_stack(stack: DictConfig) -> None:
     _int(stack.inner_folds, "stack.inner_folds", 2)
     _int(stack.vectors.pca_components, "stack.vectors.pca_components", 0)
     _number(stack.blend_l2, "stack.blend_l2", 0.0)
+    _number(stack.select_z, "stack.select_z", 0.0)
     if not stack.blend_members:
         raise UserError("stack.blend_members is empty: name at least one of stack.members")
     missing = [m for m in stack.blend_members if m not in stack.members]

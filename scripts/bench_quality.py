@@ -37,6 +37,7 @@ ABLATIONS = {
     "default (selected blend of members)": [],
     "no selection (always the blend)": ["stack.select=false"],
     "blend: head + text": ["stack.blend_members=[head,text]"],
+    "blend: head + text + all_lgbm": ["stack.blend_members=[head,text,all_lgbm]"],
     "blend: head + vectors": ["stack.blend_members=[head,vectors]"],
     "blend: head + summary": ["stack.blend_members=[head,summary]"],
     "vectors: last layer only (h100)": ["stack.vectors.layers=[h100]"],
@@ -48,7 +49,8 @@ ABLATIONS = {
     "vectors: base model, fwd only": ["stack.vectors.source=base", "stack.vectors.orientations=[fwd]"],
     "vectors: PCA 8": ["stack.vectors.pca_components=8"],
     "vectors: PCA 32": ["stack.vectors.pca_components=32"],
-    "one LightGBM on every group (old stacker)": ["stack.blend_members=[all_lgbm]"],
+    "members without all_lgbm (head, text, summary, vectors)": ["stack.blend_members=[head,text,summary,vectors]"],
+    "one LightGBM on every group alone (old stacker, honest rounds)": ["stack.blend_members=[all_lgbm]"],
     "no symmetric augmentation": ["stack.symmetric=false"],
 }
 
@@ -88,8 +90,9 @@ def ablation_table(overrides: list[str]) -> str:
 
 def source_holdout_table(overrides: list[str]) -> str:
     """Leave-one-source-out for stage two: train on two sources' rows, score the third (every model and choice
-    made without it). The head and vectors are the prompt-grouped run's OOF features, so this measures how the
-    stacker carries to a new source; --group-by source measures the fine-tune too."""
+    made without it; inner splits grouped by source too, as with cv.group_by=source). The head and vectors are
+    the prompt-grouped run's OOF features, so this measures how the stacker carries to a new source;
+    --group-by source measures the fine-tune too."""
     from pipeline import artifacts, folds, inputs, stacking
 
     cfg = compose(overrides)
@@ -100,7 +103,7 @@ def source_holdout_table(overrides: list[str]) -> str:
     sources = sorted(frame["source"].unique())
     source_fold = frame["source"].map({s: k for k, s in enumerate(sources)}).to_numpy()
     result = stacking.evaluate(stacking.stacker_inputs(frame, matrices), frame["label"].to_numpy(), source_fold,
-                               folds.group_keys(frame, "prompt"), cfg, stacking.vector_settings(cfg.stack, matrices))
+                               source_fold, cfg, stacking.vector_settings(cfg.stack, matrices))
     names = ["stacker", *result["baselines"]]
     losses = {"stacker": result["per_fold"], **result["baseline_per_fold"]}
     lines = ["| held-out source | rows | " + " | ".join(names) + " | chosen |", "|---" * (len(names) + 3) + "|"]
@@ -129,6 +132,9 @@ def main() -> None:
     parser.add_argument("--group-by", default="prompt", help="cv.group_by: prompt, or source (leave-one-source-out)")
     parser.add_argument("--exp-name", default=None)
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--stack-only", action="store_true",
+                        help="re-run only stage=stack on the finished experiment's features (seconds); `minutes` "
+                             "keeps the recorded first full run of each stage")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every stage")
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -144,7 +150,7 @@ def main() -> None:
     timings_file = exp / "bench_timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     log = exp / "bench_quality.log"
-    for stage in STAGES:
+    for stage in ("stack",) if args.stack_only else STAGES:
         seconds = run_stage(stage, overrides, log)
         # Keep the first full run's time; a re-run that only resumed finished work must not shrink it.
         timings[stage] = max(timings.get(stage, 0.0), seconds)

@@ -71,11 +71,12 @@ def test_labels_as_floats_and_ids_as_int_or_str():
     assert data.label_counts() == {"a": 0, "b": 1, "tie": 1}
 
 
-def test_extra_columns_ignored_and_test_layout(tmp_path):
+def test_extra_columns_ride_along_and_test_layout(tmp_path):
     raw = frame(row("7"))
     raw["source"] = "x"
     data = parse_frame(raw.drop(columns=["winner_model_a", "winner_model_b", "winner_tie"]), "t", with_labels=False)
-    assert list(data.frame.columns) == ["id", "prompt", "response_a", "response_b", "label"]
+    # Extra columns ride along as text (cv.group_by may name one); the label columns become `label`.
+    assert list(data.frame.columns) == ["id", "prompt", "response_a", "response_b", "label", "source"]
     assert not data.has_labels
 
 
@@ -117,7 +118,7 @@ def test_duplicate_id_is_named():
 
 
 def test_empty_id_is_reported():
-    with pytest.raises(UserError, match="row 3: empty id"):
+    with pytest.raises(UserError, match="row 3: empty or null id"):
         parse_frame(frame(row("1"), row("")), "t.csv", with_labels=True)
 
 

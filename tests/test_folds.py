@@ -43,7 +43,7 @@ def test_deterministic_per_seed():
 
 def test_too_few_prompts():
     data = synthetic(n=20, n_prompts=2)
-    with pytest.raises(UserError, match="only 2 distinct prompts"):
+    with pytest.raises(UserError, match="only 2 distinct groups"):
         assign_folds(data["label"].to_numpy(), prompt_groups(data["prompt"]), 3, seed=0)
 
 

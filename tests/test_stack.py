@@ -68,9 +68,9 @@ def test_predict_scores_a_new_test_file(tiny_experiment, tmp_path):
 def test_predict_refit_reproduces_the_stack_submission(tiny_experiment, tmp_path):
     """predict refits the stacker from the recorded settings: on the demo test file it gives stack's numbers."""
     cfg, exp, _ = tiny_experiment
+    stack.run(compose_cfg(_overrides(cfg)))  # the demo test file's submission, whatever ran before
     made_by_stack = pd.read_csv(exp / "submission.csv")
-    cfg = compose_cfg([*_overrides(cfg), "stage=predict"])
-    predict.run(cfg)
+    predict.run(compose_cfg([*_overrides(cfg), "stage=predict"]))
     pd.testing.assert_frame_equal(pd.read_csv(exp / "submission.csv"), made_by_stack)
 
 
@@ -180,7 +180,8 @@ def test_any_sklearn_classifier_by_target():
     pair, labels, fold_of, groups = synthetic()
     result = run_cv(pair, labels, fold_of, groups, ["vectors"],
                     "stack.members.vectors.estimator._target_=sklearn.ensemble.RandomForestClassifier",
-                    "~stack.members.vectors.estimator.max_iter", "stack.members.vectors.search={n_estimators: [50]}")
+                    "~stack.members.vectors.estimator.max_iter", "~stack.members.vectors.search.C",
+                    "+stack.members.vectors.search.n_estimators=[50]")
     prior = logloss(labels, prior_probs(labels, len(labels)))
     assert logloss(labels, result.oof) < prior - 0.05
     assert type(result.folds[0].models["vectors"][-1]).__name__ == "RandomForestClassifier"
@@ -199,3 +200,20 @@ def test_pass_through_head_member_predicts_the_tta_head():
     pair, labels, fold_of, groups = synthetic()
     result = run_cv(pair, labels, fold_of, groups, ["head"])
     np.testing.assert_allclose(result.oof, (pair.head + pair.head_other) / 2)
+
+
+def test_staged_lightgbm_search_equals_separate_fits():
+    """Reading one 200-round model at 25/50/100/200 rounds gives what four separate fits give."""
+    pair, labels, fold_of, groups = synthetic(n=300)
+    cfg = stack_cfg()
+    member = stacking.members_from_config(cfg, ["text"])[0]
+    vectors = {"layers": ["h100"], "kinds": ["diff"], "orientations": ["fwd", "swp"], "prefix": ""}
+    x = stacking.design(pair, member.groups, vectors, {})
+    inner = stacking.inner_splits(labels, groups, 3, 0)
+    staged = dict((p["n_estimators"], oof) for p, oof in stacking._inner_predictions(member, x, labels, inner, True, 0))
+    for n in (25, 200):
+        separate = np.zeros((len(labels), 3))
+        for tr, va in inner:
+            model = stacking.fit_symmetric(member.build({"n_estimators": n}, 0), x.rows(tr), labels[tr], True)
+            separate[va] = stacking.predict_symmetric(model, x.rows(va), True)
+        np.testing.assert_allclose(staged[n], separate, atol=1e-9)
