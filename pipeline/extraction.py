@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from pipeline import artifacts, inputs, setups
+from pipeline import artifacts, setups
 from pipeline.data import swap_probabilities
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair
@@ -143,15 +143,23 @@ def read_in_order(path: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     return {name: m[order] for name, m in matrices.items()}
 
 
-def finetune_fold_states(exp: Path, n_folds: int, data_fingerprint: str) -> list[dict]:
-    """Every fold's finetune state; refuses when a fold is not finished or was trained on another train file."""
-    states = [artifacts.read_state(exp / "finetune" / f"fold_{k}") for k in range(n_folds)]
+def finetune_fold_states(exp: Path, cfg: DictConfig) -> list[dict]:
+    """Every fold's finetune state; refuses when a fold is not finished, or was trained on another train file or
+    with other model / formatting / fine-tune settings than this command line's (which would be recorded as what
+    made the features)."""
+    states = [artifacts.read_state(exp / "finetune" / f"fold_{k}") for k in range(cfg.cv.n_folds)]
     missing = [k for k, s in enumerate(states) if not (s and s.get("done"))]
     if missing:
         raise UserError(f"finetune folds {missing} of {exp} are not finished; run stage=finetune first")
-    if states[0].get("data") != data_fingerprint:
+    expected = setups.finetune_setup(cfg)
+    if states[0].get("data") != expected["data"]:
         raise UserError(f"data.train differs from the file the adapters of {exp} were trained on (content "
-                        f"{states[0].get('data')} vs {data_fingerprint}); use that file, or a new exp_name")
+                        f"{states[0].get('data')} vs {expected['data']}); use that file, or a new exp_name")
+    changed = [key for key in ("seed", "extra", "config_hash") if states[0].get(key) != expected[key]]
+    if changed:
+        raise UserError(f"the adapters of {exp} were trained with other settings ({', '.join(changed)} differ from "
+                        "this command line's model / finetune / data.extra / seed); drop those overrides, or use a "
+                        "new exp_name to train with them")
     return states
 
 
@@ -247,7 +255,7 @@ def average_test(folder: Path, test, cfg: DictConfig, ft_states: list[dict]) -> 
 
 def ensure_test_features(cfg: DictConfig, exp: Path, test, test_path: Path) -> Path:
     """The averaged test feature file for `test`, extracting only the folds still missing."""
-    ft_states = finetune_fold_states(exp, cfg.cv.n_folds, artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))
+    ft_states = finetune_fold_states(exp, cfg)
     setup = setups.embed_setup(cfg, ft_states[0])
     folder = test_dir(exp / "embed", test_path, setup)
     if not (folder / TEST_FEATURES).exists():

@@ -1,4 +1,4 @@
-"""Stacker features (pure): text statistics, head probabilities and pooled response vectors.
+"""Stacker features (pure): text statistics, pair rules, head probabilities and blocks of the pooled vectors.
 
 Every feature has a mirror under an A/B swap: `a_*` and `b_*` exchange, differences change sign, symmetric
 ones stay. `PairInputs.swapped()` builds the inputs of the swapped pair, so symmetric augmentation and the
@@ -15,7 +15,6 @@ import pandas as pd
 
 from pipeline.data import swap_probabilities
 
-VECTOR_KINDS = ("a", "b", "diff", "absdiff", "prod")
 RULES = ("identical", "a_empty", "b_empty", "word_jaccard")
 TEXT_STATS = ("chars", "words", "turns", "newlines", "headers", "code_blocks", "list_items", "bold", "questions")
 _HEADER = re.compile(r"^\s{0,3}#{1,6}\s", re.MULTILINE)
@@ -41,16 +40,6 @@ def text_stats(turns: Sequence[str]) -> dict[str, float]:
 def stats_matrix(responses: Sequence[Sequence[str]]) -> np.ndarray:
     """(n, len(TEXT_STATS)) statistics for one response column."""
     return np.array([[s[k] for k in TEXT_STATS] for s in map(text_stats, responses)], dtype=np.float64)
-
-
-def pair_vectors(a: np.ndarray, b: np.ndarray, kinds: Sequence[str]) -> dict[str, np.ndarray]:
-    """Vector features of a pair from the two responses' vectors."""
-    table = {"a": lambda: a, "b": lambda: b, "diff": lambda: a - b, "absdiff": lambda: np.abs(a - b),
-             "prod": lambda: a * b}
-    unknown = [k for k in kinds if k not in table]
-    if unknown:
-        raise ValueError(f"unknown vector kind(s) {unknown}; choose from {VECTOR_KINDS}")
-    return {k: table[k]() for k in kinds}
 
 
 def rule_matrix(responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequence[str]]) -> np.ndarray:
@@ -86,8 +75,6 @@ class PairInputs:
     prompt_chars: np.ndarray | None = None  # (n,)
     head: np.ndarray | None = None          # (n, 3) head probabilities, this orientation's pass
     head_other: np.ndarray | None = None    # (n, 3) the other orientation's pass, mirrored into this one
-    vec_a: np.ndarray | None = None         # (n, d) response vectors (after any reduction)
-    vec_b: np.ndarray | None = None
     rules: np.ndarray | None = None         # (n, 4) see rule_matrix
     vectors: dict[str, np.ndarray] | None = None  # raw embed vectors "{layer}_{span}_{orientation}" (extraction)
 
@@ -103,11 +90,12 @@ class PairInputs:
                 return self.vectors[other] if other in self.vectors else self.vectors[other.replace("_swp", "_fwd")]
             vectors = {key: mirrored(key) for key in self.vectors}
         return PairInputs(self.stats_b, self.stats_a, self.prompt_chars, mirror(self.head_other), mirror(self.head),
-                          self.vec_b, self.vec_a, rules, vectors)
+                          rules, vectors)
 
 
-def feature_frame(inputs: PairInputs, vector_kinds: Sequence[str]) -> pd.DataFrame:
-    """The stacker's feature matrix, with named columns."""
+def feature_frame(inputs: PairInputs) -> pd.DataFrame:
+    """Named columns of the text, head and rule parts that are set (the vector groups: vector_blocks,
+    similarity_frame)."""
     columns: dict[str, np.ndarray] = {}
     if inputs.stats_a is not None:
         for j, name in enumerate(TEXT_STATS):
@@ -123,10 +111,6 @@ def feature_frame(inputs: PairInputs, vector_kinds: Sequence[str]) -> pd.DataFra
             columns[f"head_{name}"] = inputs.head[:, j]
             columns[f"head_other_{name}"] = inputs.head_other[:, j]
             columns[f"head_mean_{name}"] = both[:, j]
-    if inputs.vec_a is not None:
-        for kind, matrix in pair_vectors(inputs.vec_a, inputs.vec_b, vector_kinds).items():
-            for j in range(matrix.shape[1]):
-                columns[f"vec_{kind}_{j}"] = matrix[:, j]
     if inputs.rules is not None:
         for j, name in enumerate(RULES):
             columns[f"rule_{name}"] = inputs.rules[:, j]

@@ -100,10 +100,9 @@ def _head_frame(pair: PairInputs) -> pd.DataFrame:
 def group_frame(pair: PairInputs, group: str, vectors: dict, reducers: dict[str, PCA]) -> pd.DataFrame:
     """One feature group's columns (pure given fitted reducers)."""
     if group == "text":
-        return feature_frame(replace(PairInputs(), stats_a=pair.stats_a, stats_b=pair.stats_b,
-                                     prompt_chars=pair.prompt_chars), [])
+        return feature_frame(PairInputs(stats_a=pair.stats_a, stats_b=pair.stats_b, prompt_chars=pair.prompt_chars))
     if group == "rules":
-        return feature_frame(PairInputs(rules=pair.rules), [])
+        return feature_frame(PairInputs(rules=pair.rules))
     if group == "head":
         return _head_frame(pair)
     if group == "summary":
@@ -425,8 +424,7 @@ def load_train_features(exp: Path, frame: pd.DataFrame, fold_frame: pd.DataFrame
     if not path.exists() or not manifest_path.exists():
         raise UserError(f"{path} not found; run stage=embed first")
     manifest = artifacts.read_json(manifest_path)
-    expected = setups.embed_setup(cfg, extraction.finetune_fold_states(
-        exp, cfg.cv.n_folds, artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))[0])
+    expected = setups.embed_setup(cfg, extraction.finetune_fold_states(exp, cfg)[0])
     changed = [k for k, v in expected.items() if manifest.get("setup", {}).get(k) != v]
     if changed:
         raise UserError(f"{path} was made with other settings ({', '.join(changed)} differ from this command "
@@ -444,8 +442,7 @@ def load_train_features(exp: Path, frame: pd.DataFrame, fold_frame: pd.DataFrame
 
 def test_features(cfg: DictConfig, exp: Path, test) -> dict[str, np.ndarray]:
     """The test file's averaged features, made by finetune/embed with the current setup (never extracted here)."""
-    ft_states = extraction.finetune_fold_states(exp, cfg.cv.n_folds,
-                                                artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))
+    ft_states = extraction.finetune_fold_states(exp, cfg)
     folder = extraction.test_dir(exp / "embed", inputs.data_paths(cfg)[1], setups.embed_setup(cfg, ft_states[0]))
     path = folder / extraction.TEST_FEATURES
     if not path.exists():

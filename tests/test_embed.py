@@ -154,3 +154,34 @@ def test_load_oof_features_for_your_own_model(tiny_experiment):
     np.testing.assert_allclose(oof.head.sum(axis=1), 1, atol=1e-2)
     frame = oof.frame()
     assert len(frame) == len(labels) and "h100_a_fwd_0" in frame.columns
+
+
+@pytest.mark.parametrize("override", ["finetune.learning_rate=0.123", "model.max_length=100", "seed=7"])
+def test_embed_and_stack_refuse_a_finetune_setting_other_than_the_adapters(tiny_experiment, override):
+    """stage=embed / stage=stack after a finished fine-tune must not record settings that did not make it."""
+    from conftest import TINY_OVERRIDES, compose_cfg
+    from pipeline.stages import embed
+
+    cfg, _, _ = tiny_experiment
+    changed = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={cfg.paths.output_dir}",
+                           f"paths.model_cache_dir={cfg.paths.model_cache_dir}", f"exp_name={cfg.exp_name}", override])
+    for stage in (embed, stack):
+        with pytest.raises(UserError, match="other settings|differs"):
+            stage.run(changed)
+
+
+def test_embed_refuses_a_train_file_with_other_contents(tiny_experiment, tmp_path):
+    """Same ids, response_a and response_b swapped: another file, refused before any pass."""
+    from conftest import TINY_OVERRIDES, compose_cfg
+    from pipeline.stages import embed
+
+    cfg, exp, _ = tiny_experiment
+    original = pd.read_csv(inputs.data_paths(cfg)[0])
+    swapped = original.rename(columns={"response_a": "response_b", "response_b": "response_a",
+                                       "winner_model_a": "winner_model_b", "winner_model_b": "winner_model_a"})
+    swapped.to_csv(tmp_path / "swapped.csv", index=False)
+    changed = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={cfg.paths.output_dir}",
+                           f"paths.model_cache_dir={cfg.paths.model_cache_dir}", f"exp_name={cfg.exp_name}",
+                           f"data.train={tmp_path / 'swapped.csv'}", f"data.test={inputs.data_paths(cfg)[1]}"])
+    with pytest.raises(UserError, match="data.train differs"):
+        embed.run(changed)

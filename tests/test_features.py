@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.features import (PairInputs, TEXT_STATS, feature_frame, mirror_vector_key, pair_vectors, rule_matrix,
-                               similarity_frame, text_inputs, text_stats, vector_blocks)
+from pipeline.features import (PairInputs, TEXT_STATS, feature_frame, mirror_vector_key, rule_matrix, similarity_frame,
+                               text_inputs, text_stats, vector_blocks)
 
 
 def test_text_stats_counts_markdown():
@@ -17,7 +17,7 @@ def test_text_stats_counts_markdown():
 
 def test_each_side_uses_its_own_response():
     frame = pd.DataFrame({"prompt": [["p"]], "response_a": [["a a a"]], "response_b": [["b"]]})
-    features = feature_frame(text_inputs(frame), [])
+    features = feature_frame(text_inputs(frame))
     assert features.loc[0, "a_words"] == 3 and features.loc[0, "b_words"] == 1
     assert features.loc[0, "diff_words"] == 2
 
@@ -25,49 +25,55 @@ def test_each_side_uses_its_own_response():
 def random_inputs(n=20, d=5, seed=0) -> PairInputs:
     rng = np.random.default_rng(seed)
     head = rng.dirichlet([1, 1, 1], n)
-    return PairInputs(rng.integers(0, 50, (n, len(TEXT_STATS))).astype(float),
-                      rng.integers(0, 50, (n, len(TEXT_STATS))).astype(float), rng.random(n) * 100,
-                      head, rng.dirichlet([1, 1, 1], n), rng.normal(size=(n, d)), rng.normal(size=(n, d)))
+    return PairInputs(stats_a=rng.integers(0, 50, (n, len(TEXT_STATS))).astype(float),
+                      stats_b=rng.integers(0, 50, (n, len(TEXT_STATS))).astype(float), prompt_chars=rng.random(n) * 100,
+                      head=head, head_other=rng.dirichlet([1, 1, 1], n), rules=rule_matrix(
+                          [["x"], [""]] * (n // 2), [["x"], ["y z"]] * (n // 2)))
+
+
+def assert_mirrors(original: pd.DataFrame, swapped: pd.DataFrame) -> None:
+    """Every column of the swapped pair's features is the original's mirror (fails on a column it cannot place)."""
+    assert list(original.columns) == list(swapped.columns)
+    side = {"a": "b", "b": "a", "tie": "tie"}
+    for column in original.columns:
+        if column.startswith(("a_", "b_")):
+            np.testing.assert_allclose(swapped[column], original[side[column[0]] + column[1:]])
+        elif column.startswith(("diff_", "logratio_")):
+            np.testing.assert_allclose(swapped[column], -original[column])
+        elif column.startswith("head"):
+            # The swapped pair's forward pass is this pair's swapped pass: head and head_other exchange, mirrored.
+            stem, name = column.rsplit("_", 1)
+            other = stem.replace("head_other", "HEAD").replace("head", "head_other").replace("HEAD", "head") \
+                if "mean" not in stem else stem
+            np.testing.assert_allclose(swapped[column], original[f"{other}_{side[name]}"])
+        elif column in ("rule_a_empty", "rule_b_empty"):
+            np.testing.assert_allclose(swapped[column], original[column.replace(column[5], side[column[5]], 1)])
+        elif column in ("prompt_chars", "rule_identical", "rule_word_jaccard"):
+            np.testing.assert_allclose(swapped[column], original[column])
+        else:
+            raise AssertionError(f"no mirror rule for column {column}")
 
 
 def test_features_mirror_under_swap():
     pair = random_inputs()
-    kinds = ["a", "b", "diff", "absdiff", "prod"]
-    original = feature_frame(pair, kinds)
-    swapped = feature_frame(pair.swapped(), kinds)
-    assert list(original.columns) == list(swapped.columns)
-    for column in original.columns:
-        prefix = column.split("_")[0]
-        if column.startswith(("a_", "vec_a_")):
-            other = column.replace("a_", "b_", 1)
-            np.testing.assert_allclose(swapped[column], original[other])
-        elif column.startswith(("diff_", "logratio_", "vec_diff_")):
-            np.testing.assert_allclose(swapped[column], -original[column])
-        elif column.startswith("head_"):
-            # The swapped pair's forward pass is this pair's swapped pass: head and head_other exchange, mirrored.
-            stem, name = column.rsplit("_", 1)
-            mirror = {"a": "b", "b": "a", "tie": "tie"}[name]
-            other_stem = {"head": "head_other", "head_other": "head", "head_mean": "head_mean"}[stem]
-            np.testing.assert_allclose(swapped[column], original[f"{other_stem}_{mirror}"])
-        elif prefix in ("prompt",) or column.startswith(("vec_absdiff_", "vec_prod_")):
-            np.testing.assert_allclose(swapped[column], original[column])
+    original, swapped = feature_frame(pair), feature_frame(pair.swapped())
+    assert_mirrors(original, swapped)
     # Swapping twice gives the original back.
-    pd.testing.assert_frame_equal(feature_frame(pair.swapped().swapped(), kinds), original)
+    pd.testing.assert_frame_equal(feature_frame(pair.swapped().swapped()), original)
 
 
-def test_pair_vectors():
-    a, b = np.array([[1.0, -2.0]]), np.array([[3.0, 1.0]])
-    out = pair_vectors(a, b, ["diff", "absdiff", "prod"])
-    assert out["diff"].tolist() == [[-2.0, -3.0]]
-    assert out["absdiff"].tolist() == [[2.0, 3.0]]
-    assert out["prod"].tolist() == [[3.0, -2.0]]
+def test_head_log_features_mirror_under_swap():
+    from pipeline.stacking import group_frame
+
+    pair = random_inputs()
+    assert_mirrors(group_frame(pair, "head", {}, {}), group_frame(pair.swapped(), "head", {}, {}))
 
 
 def test_pair_rules_and_their_mirror():
     rules = rule_matrix([["same"], [""], ["x y"]], [["same"], ["text"], ["y z"]])
     np.testing.assert_allclose(rules, [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 1 / 3]])
     pair = PairInputs(rules=rules)
-    frame, swapped = feature_frame(pair, []), feature_frame(pair.swapped(), [])
+    frame, swapped = feature_frame(pair), feature_frame(pair.swapped())
     np.testing.assert_allclose(swapped["rule_a_empty"], frame["rule_b_empty"])  # row 1: b is now the empty one
     assert swapped.loc[1, "rule_b_empty"] == 1 and frame.loc[1, "rule_a_empty"] == 1
     np.testing.assert_allclose(swapped["rule_identical"], frame["rule_identical"])

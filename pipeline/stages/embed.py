@@ -20,8 +20,7 @@ def run(cfg: DictConfig) -> dict:
     exp = artifacts.exp_dir(cfg)
     train, test = inputs.load_train(cfg), inputs.load_test(cfg)
     fold_of = folds.load_or_create(exp, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)["fold"].to_numpy()
-    ft_states = extraction.finetune_fold_states(exp, cfg.cv.n_folds,
-                                                artifacts.file_fingerprint(inputs.data_paths(cfg)[0]))
+    ft_states = extraction.finetune_fold_states(exp, cfg)
     setup = setups.embed_setup(cfg, ft_states[0])
     artifacts.write_manifest(exp, cfg, "embed")
     if not artifacts.is_main_process():
