@@ -30,6 +30,25 @@ def test_oof_and_metrics(tiny_experiment):
     report = (exp / "stack" / "report.md").read_text()
     assert "\n| stacker | " in report and "## Per fold" in report and "layers" in report
     assert artifacts.read_state(exp / "stack")["done"]
+    assert not list(exp.rglob("*.pkl")), "no artifact may need unpickling"
+
+
+def test_rerun_without_a_test_file_removes_the_old_submission(tiny_experiment, tmp_path):
+    """A submission never sits beside boosters that did not make it."""
+    import shutil
+
+    cfg, exp, _ = tiny_experiment
+    copy = tmp_path / cfg.exp_name
+    shutil.copytree(exp, copy)
+    shutil.copytree(exp.parent / "demo_data", tmp_path / "demo_data")
+    assert (copy / "submission.csv").exists()
+    train = next((tmp_path / "demo_data").glob("demo_train_*.csv"))
+    from conftest import TINY_OVERRIDES
+
+    stack.run(compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"exp_name={cfg.exp_name}",
+                           f"paths.model_cache_dir={cfg.paths.model_cache_dir}", f"data.train={train}"]))
+    assert not (copy / "submission.csv").exists()
+    assert "predict" not in artifacts.read_metrics(copy)
 
 
 def check_submission(path, ids):
