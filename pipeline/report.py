@@ -81,7 +81,7 @@ def write(folder: Path, metrics: dict, labels: np.ndarray, predictions: dict[str
                         for m in features["blend_members"])
     text = ["# Stacker report", "", table(metrics), "", "## Per fold", "", fold_table(metrics), "",
             "## What the stacker read", "",
-            f"- members (blended, then chosen by inner CV): {members}",
+            f"- members (blended; one alone replaces the blend only where the inner split says so): {members}",
             f"- vectors: {vectors['prefix'] or 'fine-tuned '}layers {vectors['layers']}, blocks {vectors['kinds']}, "
             f"orientations {vectors['orientations']}, PCA {features['pca_components']} per block",
             f"- folds grouped by {features['cv_group_by']}; fold sizes {np.bincount(fold_of).tolist()}",
