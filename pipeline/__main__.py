@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import validation
+from pipeline import artifacts, tracking, validation
 from pipeline.errors import UserError
 
 STAGES = ("check", "finetune", "embed", "stack", "predict", "all")
@@ -23,7 +23,10 @@ def run_stage(cfg: DictConfig) -> dict:
         raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}")
     validation.validate(cfg)
     module = importlib.import_module(f"pipeline.stages.{cfg.stage}")
-    return module.run(cfg)
+    metrics = module.run(cfg)
+    if artifacts.is_main_process():
+        tracking.log_stage_metrics(cfg, cfg.stage, metrics)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -33,6 +36,11 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     value = metrics
     for key in SWEEP_METRIC.get(cfg.stage, (None,)):
         if not isinstance(value, dict) or key not in value:

@@ -23,15 +23,21 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import UserError
-
-STATE_FILE = "state.json"
-METRICS_FILE = "metrics.json"
+from pipeline.layout import DONE, STATE_FILE, Layout
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "lightgbm", "hydra-core", "pandas", "numpy",
                     "scikit-learn", "bitsandbytes", "deepspeed")
 
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -111,7 +117,7 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def read_metrics(exp: Path) -> dict[str, Any]:
-    path = exp / METRICS_FILE
+    path = Layout(exp).metrics
     if not path.exists():
         return {}
     try:
@@ -125,14 +131,14 @@ def update_metrics(exp: Path, stage: str, metrics: dict[str, Any]) -> None:
     """Set `metrics.json[stage]`, keeping the other stages' entries."""
     current = read_metrics(exp)
     current[stage] = metrics
-    write_json(exp / METRICS_FILE, current)
+    write_json(Layout(exp).metrics, current)
 
 
 def drop_metrics(exp: Path, stage: str) -> None:
     """Remove a stage's entry whose results no longer exist (e.g. predict after the stacker was refitted)."""
     current = read_metrics(exp)
     if current.pop(stage, None) is not None:
-        write_json(exp / METRICS_FILE, current)
+        write_json(Layout(exp).metrics, current)
 
 
 def replace_dir(staging: Path, target: Path) -> None:
@@ -188,8 +194,13 @@ def read_parquet(path: Path, how_to_fix: str) -> pd.DataFrame:
         raise UserError(f"{path} is damaged ({type(exc).__name__}); {how_to_fix}") from None
 
 
+def mark_started(folder: Path, setup: dict[str, Any]) -> None:
+    """A folder whose work has begun: not reusable until `mark_done` (written last) says so."""
+    write_json(folder / STATE_FILE, {DONE: False, **setup})
+
+
 def mark_done(folder: Path, state: dict[str, Any]) -> None:
-    write_json(folder / STATE_FILE, {"done": True, **state})
+    write_json(folder / STATE_FILE, {DONE: True, **state})
 
 
 def check_state(folder: Path, expected: dict[str, Any], how_to_fix: str) -> bool:
@@ -197,13 +208,13 @@ def check_state(folder: Path, expected: dict[str, Any], how_to_fix: str) -> bool
     different setup than `expected` (mixing them would silently corrupt results). An unfinished folder never
     blocks: a run that crashed on a bad setting must not stop the corrected one."""
     state = read_state(folder)
-    if not state or not state.get("done"):
+    if not state or not state.get(DONE):
         return False
     changed = [k for k, v in expected.items() if state.get(k) != v]
     if changed:
         details = ", ".join(f"{k}: {state.get(k)!r} -> {expected[k]!r}" for k in changed)
         raise UserError(f"{folder} was made with a different setup ({details}); {how_to_fix}")
-    return bool(state.get("done"))
+    return True
 
 
 def git_commit() -> str | None:
@@ -229,7 +240,7 @@ def write_manifest(folder: Path, cfg: DictConfig, stage: str) -> None:
     """Record how a stage was run (resolved config, seed, versions, commit, command line) in folder/manifests/."""
     if not is_main_process():
         return
-    write_json(folder / "manifests" / f"{stage}.json", {
+    write_json(Layout(folder).manifest(stage), {
         "stage": stage,
         "seed": int(cfg.seed),
         "argv": sys.argv,

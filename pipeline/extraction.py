@@ -2,6 +2,9 @@
 embed stage (for what is missing): one forward pass per A/B orientation gives the head's probabilities and the
 pooled vectors of every captured layer.
 
+Under torchrun / accelerate every rank scores a share of each pass's rows (longest first, balanced by tokens)
+and rank 0 gathers them (`score_rows`); the manifests record which rank scored how many rows.
+
 Feature table columns (embed/fold_k/train.parquet, embed/train_features.parquet, test feature files):
 - `head`: head probabilities of the original pass; `head_swapped`: of the swapped pass, mirrored back into the
   original A/B orientation (equal to `head` without swap TTA).
@@ -12,6 +15,7 @@ Feature table columns (embed/fold_k/train.parquet, embed/train_features.parquet,
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +25,17 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from pipeline import artifacts, setups
+from pipeline import artifacts, layout, setups
+from pipeline.context import RunContext
 from pipeline.data import swap_probabilities
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair
 from pipeline.inference import forward_pass, softmax
+from pipeline.layout import EmbedFoldRecord, Layout
 
-TRAIN_FEATURES = "train_features.parquet"
-TEST_FEATURES = "features.parquet"
-MANIFEST = "manifest.json"
 STORAGE_DTYPES = ("float16", "float32")
 POOLINGS = ("mean", "last")
+TEST_ADAPTERS = ("each", "averaged")
 
 
 def validate(embed_cfg: DictConfig) -> None:
@@ -45,6 +49,9 @@ def validate(embed_cfg: DictConfig) -> None:
     if not layers or bad:
         raise UserError(f"embed.layers={layers}: give fractions of the model's depth in (0, 1], e.g. [0.5, 1.0] "
                         "(1.0 = the final norm the head reads)")
+    if embed_cfg.test_adapters not in TEST_ADAPTERS:
+        raise UserError(f"embed.test_adapters={embed_cfg.test_adapters}: use each (every fold adapter scores the test "
+                        "rows, features averaged) or averaged (the fold adapters averaged into one: one pass)")
     if int(embed_cfg.batch_tokens) < 1:
         raise UserError(f"embed.batch_tokens={embed_cfg.batch_tokens}: must be a positive token budget")
 
@@ -52,12 +59,50 @@ def validate(embed_cfg: DictConfig) -> None:
 def is_current(fold_dir: Path, setup: dict) -> bool:
     """True when the fold's features are finished and were made with exactly `setup`."""
     state = artifacts.read_state(fold_dir)
-    return bool(state and state.get("done") and all(state.get(k) == v for k, v in setup.items()))
+    return bool(state and state.get(layout.DONE) and all(state.get(k) == v for k, v in setup.items()))
 
 
-def test_dir(stage_dir: Path, test_path: Path, setup: dict) -> Path:
-    """Test features live per test file (and embed setup), so scoring a new file never disturbs older ones."""
-    return stage_dir / f"test_{artifacts.file_fingerprint(test_path)}_{artifacts.config_hash(setup)[:8]}"
+def test_folder(ctx: RunContext, finetune_state: dict) -> Path:
+    """The folder of the test file's features for this embed setup (and embed.test_adapters)."""
+    setup = setups.test_setup(ctx.cfg, finetune_state)
+    return ctx.layout.test_folder(artifacts.file_fingerprint(ctx.test_path), artifacts.config_hash(setup))
+
+
+@dataclass
+class Rows:
+    """Encoded rows of one pass: the original orientation and, with swap TTA, the swapped one."""
+
+    encoded: list[EncodedPair]
+    swapped: list[EncodedPair] | None
+
+    def take(self, index: np.ndarray) -> "Rows":
+        return Rows([self.encoded[i] for i in index],
+                    None if self.swapped is None else [self.swapped[i] for i in index])
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.encoded]
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def encode_rows(tokenizer, frame: pd.DataFrame, cfg: DictConfig) -> Rows:
+    """Encode once; the swapped orientation only when swap TTA needs it."""
+    from pipeline.formatting import encode_frame
+
+    return Rows(encode_frame(tokenizer, frame, cfg.model),
+                encode_frame(tokenizer, frame, cfg.model, swap=True) if cfg.embed.swap_tta else None)
+
+
+@dataclass
+class PassSettings:
+    """How a feature pass runs: the pad id, the embed settings (layers, pooling, token budget), device and dtype."""
+
+    pad_id: int
+    embed: DictConfig
+    device: torch.device
+    dtype: torch.dtype
 
 
 def _orient(vectors: dict[str, np.ndarray], orientation: str) -> dict[str, np.ndarray]:
@@ -71,20 +116,20 @@ def _orient(vectors: dict[str, np.ndarray], orientation: str) -> dict[str, np.nd
     return out
 
 
-def pass_features(model, encoded: list[EncodedPair], swapped: list[EncodedPair] | None, pad_id: int,
-                  embed_cfg: DictConfig, on: torch.device, dtype: torch.dtype, desc: str = "") -> dict[str, np.ndarray]:
+def pass_features(model, rows: Rows, settings: PassSettings, desc: str = "") -> dict[str, np.ndarray]:
     """Head probabilities and pooled vectors of both orientations (see the module docstring for the keys)."""
     model.eval()  # dropout off: held-out rows are scored as a deployed model would score them
+    embed_cfg = settings.embed
 
-    def one_pass(rows: list[EncodedPair], name: str):
-        return forward_pass(model, rows, pad_id, int(embed_cfg.batch_tokens), on, dtype,
-                            layers=list(embed_cfg.layers), pooling=embed_cfg.pooling,
+    def one_pass(encoded: list[EncodedPair], name: str):
+        return forward_pass(model, encoded, settings.pad_id, int(embed_cfg.batch_tokens), settings.device,
+                            settings.dtype, layers=list(embed_cfg.layers), pooling=embed_cfg.pooling,
                             padding_side=embed_cfg.padding_side, desc=f"{desc} {name}".strip())
 
-    orientations = [("fwd", encoded)] + ([("swp", swapped)] if swapped is not None else [])
+    orientations = [("fwd", rows.encoded)] + ([("swp", rows.swapped)] if rows.swapped is not None else [])
     out: dict[str, np.ndarray] = {}
-    for orientation, rows in orientations:
-        result = one_pass(rows, orientation)
+    for orientation, encoded in orientations:
+        result = one_pass(encoded, orientation)
         probs = softmax(result.logits)
         out["head" if orientation == "fwd" else "head_swapped"] = probs if orientation == "fwd" else \
             swap_probabilities(probs)
@@ -92,8 +137,8 @@ def pass_features(model, encoded: list[EncodedPair], swapped: list[EncodedPair] 
     out.setdefault("head_swapped", out["head"])
     if embed_cfg.base_vectors and hasattr(model, "disable_adapter"):
         with model.disable_adapter():  # the same base weights without LoRA: does fine-tuning help the vectors?
-            for orientation, rows in orientations:
-                result = one_pass(rows, f"base {orientation}")
+            for orientation, encoded in orientations:
+                result = one_pass(encoded, f"base {orientation}")
                 out.update({f"base_{k}": v for k, v in _orient(result.vectors, orientation).items()})
     return out
 
@@ -103,20 +148,81 @@ def head_probabilities(feats: dict[str, np.ndarray]) -> np.ndarray:
     return (feats["head"] + feats["head_swapped"]) / 2
 
 
+def shard_rows(lengths: list[int], world_size: int) -> list[np.ndarray]:
+    """Row indices per rank: longest rows first, each to the rank with the fewest tokens so far, so every rank
+    gets about the same work (and similar lengths batch well). Deterministic: every rank computes the same split."""
+    load = [0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    return [np.asarray(sorted(share), dtype=np.int64) for share in shares]
+
+
+def barrier() -> None:
+    """Wait for every rank (under torchrun / accelerate; a no-op in one process). Joins the process group when
+    no Trainer has (stage=embed / predict)."""
+    if artifacts.world_size() == 1:
+        return
+    if not torch.distributed.is_initialized():
+        on = torch.device("cuda", artifacts.local_rank()) if torch.cuda.is_available() else None
+        if on is not None:
+            torch.cuda.set_device(on)
+        torch.distributed.init_process_group(backend="nccl" if on is not None else "gloo")
+    torch.distributed.barrier()
+
+
+@dataclass
+class Scored:
+    """A pass's features (on rank 0; None on the other ranks) and which rank scored how many rows / tokens."""
+
+    features: dict[str, np.ndarray] | None
+    ranks: list[dict[str, int]]
+
+
+def score_rows(model, rows: Rows, settings: PassSettings, shard_folder: Path, desc: str = "") -> Scored:
+    """`pass_features` over `rows`, shared across the ranks of a distributed run: each rank scores its share and
+    leaves it in `shard_folder`; rank 0 puts the rows back in order. One process: a plain pass."""
+    world = artifacts.world_size()
+    lengths = rows.lengths
+    shares = shard_rows(lengths, world) if world > 1 else [np.arange(len(rows))]
+    ranks = [{"rank": r, "rows": int(len(share)), "tokens": int(sum(lengths[i] for i in share))}
+             for r, share in enumerate(shares)]
+    if world == 1:
+        return Scored(pass_features(model, rows, settings, desc), ranks)
+    rank = artifacts.rank()
+    mine = shares[rank]
+    if len(mine):
+        feats = pass_features(model, rows.take(mine), settings, f"{desc} rank {rank}".strip())
+        artifacts.write_feature_table(shard_folder / f"rank_{rank}.parquet", {"row": mine}, feats, dtype="float32")
+    barrier()
+    if rank != 0:
+        return Scored(None, ranks)
+    gathered: dict[str, np.ndarray] = {}
+    for r, share in enumerate(shares):
+        if not len(share):
+            continue
+        scalars, matrices = artifacts.read_feature_table(shard_folder / f"rank_{r}.parquet")
+        for name, matrix in matrices.items():
+            if name not in gathered:
+                gathered[name] = np.zeros((len(rows), matrix.shape[1]), dtype=np.float32)
+            gathered[name][scalars["row"].to_numpy()] = matrix
+    shutil.rmtree(shard_folder, ignore_errors=True)
+    return Scored(gathered, ranks)
+
+
 def write_features(path: Path, ids: np.ndarray, fold: np.ndarray, feats: dict[str, np.ndarray],
                    storage_dtype: str) -> None:
     artifacts.write_feature_table(path, {"id": np.asarray(ids).astype(str), "fold": np.asarray(fold)}, feats,
                                   dtype=storage_dtype)
 
 
-def write_train_fold(stage_dir: Path, k: int, ids: np.ndarray, feats: dict[str, np.ndarray], setup: dict,
-                     adapter: Path, adapter_train_folds: list[int], storage_dtype: str, seconds: float) -> None:
+def write_train_fold(lay: Layout, ids: np.ndarray, feats: dict[str, np.ndarray], setup: dict,
+                     record: EmbedFoldRecord, storage_dtype: str) -> None:
     """One fold's OOF features and its done-marker (what the leak check reads)."""
-    fold_dir = stage_dir / f"fold_{k}"
-    write_features(fold_dir / "train.parquet", ids, np.full(len(ids), k), feats, storage_dtype)
-    artifacts.mark_done(fold_dir, {**setup, "fold": k, "adapter": str(adapter),
-                                   "adapter_train_folds": adapter_train_folds, "scored_fold": k,
-                                   "n_train_rows": int(len(ids)), "seconds": round(seconds, 2)})
+    write_features(lay.fold_features(record.fold), ids, np.full(len(ids), record.fold), feats, storage_dtype)
+    artifacts.mark_done(lay.embed_fold(record.fold), record.as_state(setup))
 
 
 def leaking_rows(ids: np.ndarray, feature_fold: np.ndarray, assigned_fold: dict[str, int], manifest: dict) -> list[str]:
@@ -143,94 +249,151 @@ def read_in_order(path: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     return {name: m[order] for name, m in matrices.items()}
 
 
-def finetune_fold_states(exp: Path, cfg: DictConfig) -> list[dict]:
+def finetune_fold_states(ctx: RunContext) -> list[dict]:
     """Every fold's finetune state; refuses when a fold is not finished, or was trained on another train file or
     with other model / formatting / fine-tune settings than this command line's (which would be recorded as what
     made the features)."""
-    states = [artifacts.read_state(exp / "finetune" / f"fold_{k}") for k in range(cfg.cv.n_folds)]
-    missing = [k for k, s in enumerate(states) if not (s and s.get("done"))]
+    lay, cfg = ctx.layout, ctx.cfg
+    states = [artifacts.read_state(lay.finetune_fold(k)) for k in range(ctx.n_folds)]
+    missing = [k for k, s in enumerate(states) if not (s and s.get(layout.DONE))]
     if missing:
-        raise UserError(f"finetune folds {missing} of {exp} are not finished; run stage=finetune first")
+        raise UserError(f"finetune folds {missing} of {lay.root} are not finished; run stage=finetune first")
     expected = setups.finetune_setup(cfg)
     if states[0].get("data") != expected["data"]:
-        raise UserError(f"data.train differs from the file the adapters of {exp} were trained on (content "
+        raise UserError(f"data.train differs from the file the adapters of {lay.root} were trained on (content "
                         f"{states[0].get('data')} vs {expected['data']}); use that file, or a new exp_name")
     changed = [key for key in ("seed", "extra", "config_hash") if states[0].get(key) != expected[key]]
     if changed:
-        raise UserError(f"the adapters of {exp} were trained with other settings ({', '.join(changed)} differ from "
-                        "this command line's model / finetune / data.extra / seed); drop those overrides, or use a "
-                        "new exp_name to train with them")
+        raise UserError(f"the adapters of {lay.root} were trained with other settings ({', '.join(changed)} differ "
+                        "from this command line's model / finetune / data.extra / seed); drop those overrides, or "
+                        "use a new exp_name to train with them")
     return states
 
 
-def extract_missing(cfg: DictConfig, exp: Path, ft_states: list[dict], setup: dict,
-                    train_job: tuple | None, test_job: tuple | None) -> None:
-    """Run the passes still missing. The base model is loaded once; each fold's adapter is swapped on it and
-    scores its OOF rows (train_job: data, fold per row, folds to do) and the test rows (test_job: data, folder)."""
-    from pipeline import modeling
-    from pipeline.formatting import encode_frame
+def average_adapters(adapters: list[Path], target: Path) -> None:
+    """Write one adapter equal to the mean of the fold adapters (fold-adapter averaging: test rows need one pass
+    instead of K). LoRA: the folds' A matrices stacked and their B matrices side by side, each B scaled by its
+    fold's LoRA scaling / K, at rank K*r with scaling 1, so B' A' = mean_k s_k B_k A_k exactly (the mean of the
+    merged models' weight deltas). Every other saved tensor (the `score` head) is the plain mean."""
+    import math
+    import re
 
-    n_folds = cfg.cv.n_folds
-    train_missing = set(train_job[2]) if train_job else set()
-    test_missing = {k for k in range(n_folds) if not (test_job[1] / f"fold_{k}.parquet").exists()} if test_job \
-        else set()
-    if not (train_missing or test_missing):
+    from safetensors.torch import load_file, save_file
+
+    configs = [artifacts.read_json(a / "adapter_config.json") for a in adapters]
+    base = configs[0]
+    if base.get("use_dora") or base.get("rank_pattern") or base.get("alpha_pattern"):
+        raise UserError("embed.test_adapters=averaged: DoRA adapters and per-module rank_pattern / alpha_pattern "
+                        "cannot be averaged exactly; use embed.test_adapters=each")
+    n = len(adapters)
+    states = [load_file(str(a / "adapter_model.safetensors")) for a in adapters]
+    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
+    averaged = {}
+    for key, first in states[0].items():
+        if re.search(r"lora_(embedding_)?A", key):
+            averaged[key] = torch.cat([s[key] for s in states], dim=0).contiguous()
+        elif re.search(r"lora_(embedding_)?B", key):
+            averaged[key] = torch.cat([s[key].float() * scale / n for s, scale in zip(states, scales)],
+                                      dim=1).to(first.dtype).contiguous()
+        else:
+            averaged[key] = torch.stack([s[key].float() for s in states]).mean(0).to(first.dtype).contiguous()
+    rank = int(base["r"]) * n
+    staging = target.parent / f".{target.name}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(averaged, str(staging / "adapter_model.safetensors"))
+    artifacts.write_json(staging / "adapter_config.json",
+                         {**base, "r": rank, "lora_alpha": math.sqrt(rank) if base.get("use_rslora") else rank})
+    artifacts.replace_dir(staging, target)
+
+
+def averaged_adapter(ctx: RunContext, ft_states: list[dict]) -> Path:
+    """The fold adapters averaged into one (made once per fine-tune; rank 0 writes it, every rank reads it)."""
+    lay = ctx.layout
+    target = lay.averaged_adapter
+    made_from = {"finetune": ft_states[0]["config_hash"], "data": ft_states[0]["data"],
+                 "adapters": [str(lay.adapter(k)) for k in range(ctx.n_folds)]}
+    if ctx.is_main and not is_current(target.parent, made_from):
+        average_adapters([lay.adapter(k) for k in range(ctx.n_folds)], target)
+        artifacts.mark_done(target.parent, made_from)
+    barrier()
+    return target
+
+
+def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_folds: list[int],
+                    with_test: bool) -> None:
+    """Run the passes still missing: the OOF features of `train_folds` and, with a test file, its features per
+    fold adapter (or once with the averaged adapter). The base model is loaded once and each adapter is swapped
+    on it."""
+    from pipeline import modeling
+
+    cfg, lay = ctx.cfg, ctx.layout
+    folder = test_folder(ctx, ft_states[0]) if with_test and ctx.test is not None else None
+    averaged = cfg.embed.test_adapters == "averaged"
+    test_passes: list[int | None] = []
+    if folder is not None:
+        wanted = [None] if averaged else list(range(ctx.n_folds))
+        test_passes = [k for k in wanted if not layout.test_fold_features(folder, k).exists()]
+    if not (train_folds or test_passes):
         return
-    on = modeling.device()
-    dtype = modeling.compute_dtype(cfg.model.precision, on)
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    tta = bool(cfg.embed.swap_tta)
-
-    def encoded(frame: pd.DataFrame) -> tuple[list[EncodedPair], list[EncodedPair] | None]:
-        return (encode_frame(tokenizer, frame, cfg.model),
-                encode_frame(tokenizer, frame, cfg.model, swap=True) if tta else None)
-
-    def pick(rows: list[EncodedPair] | None, index: np.ndarray) -> list[EncodedPair] | None:
-        return None if rows is None else [rows[i] for i in index]
-
-    if train_missing:
-        train, fold_of, _ = train_job
-        train_enc, train_swp = encoded(train.frame)
-    if test_missing:
-        test, test_folder = test_job
-        test_enc, test_swp = encoded(test.frame)
-    model = modeling.load_classifier(source, cfg.model, tokenizer, dtype, on)
-    for k in sorted(train_missing | test_missing):
+    settings = PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype)
+    train_rows = encode_rows(tokenizer, ctx.train.frame, cfg) if train_folds else None
+    test_rows = encode_rows(tokenizer, ctx.test.frame, cfg) if test_passes else None
+    model = modeling.load_classifier(source, cfg.model, tokenizer, ctx.dtype, ctx.device)
+    for k in sorted(set(train_folds) | {k for k in test_passes if k is not None}):
         start = time.perf_counter()
-        adapter = exp / "finetune" / f"fold_{k}" / "adapter"
-        model = modeling.attach_adapter(model, adapter, f"fold_{k}")
-        if k in train_missing:
-            fold_dir = exp / "embed" / f"fold_{k}"
-            artifacts.write_json(fold_dir / artifacts.STATE_FILE, {"done": False, **setup})
-            held_out = np.flatnonzero(fold_of == k)
-            feats = pass_features(model, pick(train_enc, held_out), pick(train_swp, held_out),
-                                  tokenizer.pad_token_id, cfg.embed, on, dtype, desc=f"embed fold {k}")
-            write_train_fold(exp / "embed", k, train.frame["id"].to_numpy()[held_out], feats, setup, adapter,
-                             ft_states[k]["train_folds"], cfg.embed.storage_dtype, time.perf_counter() - start)
-        if k in test_missing:
-            feats = pass_features(model, test_enc, test_swp, tokenizer.pad_token_id, cfg.embed, on, dtype,
-                                  desc=f"embed fold {k} test")
-            write_features(test_folder / f"fold_{k}.parquet", test.frame["id"].to_numpy(),
-                           np.full(len(test_enc), -1), feats, cfg.embed.storage_dtype)
+        model = modeling.attach_adapter(model, lay.adapter(k), f"fold_{k}")
+        if k in train_folds:
+            if ctx.is_main:
+                artifacts.mark_started(lay.embed_fold(k), setup)
+            held_out = np.flatnonzero(ctx.fold_of == k)
+            scored = score_rows(model, train_rows.take(held_out), settings, lay.shard_folder(f"fold_{k}"),
+                                desc=f"embed fold {k}")
+            if ctx.is_main:
+                record = EmbedFoldRecord(k, str(lay.adapter(k)), ft_states[k]["train_folds"], int(len(held_out)),
+                                         round(time.perf_counter() - start, 2), scored.ranks)
+                write_train_fold(lay, ctx.ids[held_out], scored.features, setup, record, cfg.embed.storage_dtype)
+        if k in test_passes:
+            write_test_pass(ctx, folder, k, model, test_rows, settings)
+    if None in test_passes:
+        model = modeling.attach_adapter(model, averaged_adapter(ctx, ft_states), "averaged")
+        write_test_pass(ctx, folder, None, model, test_rows, settings)
 
 
-def combine_train(stage_dir: Path, cfg: DictConfig, train_ids: np.ndarray, labels: np.ndarray) -> int | None:
+def write_test_pass(ctx: RunContext, folder: Path, k: int | None, model, rows: Rows, settings: PassSettings) -> None:
+    """The test rows scored by fold k's adapter (or the averaged one, k=None), in test-file order; the `rank`
+    column says which rank scored each row."""
+    name = "averaged" if k is None else f"fold_{k}"
+    scored = score_rows(model, rows, settings, ctx.layout.shard_folder(f"test_{name}"), desc=f"{name} test")
+    if not ctx.is_main:
+        return
+    world = artifacts.world_size()
+    shares = shard_rows(rows.lengths, world) if world > 1 else [np.arange(len(rows))]
+    rank_of = np.zeros(len(rows), dtype=np.int64)
+    for r, share in enumerate(shares):
+        rank_of[share] = r
+    artifacts.write_feature_table(layout.test_fold_features(folder, k),
+                                  {"id": ctx.test.frame["id"].to_numpy().astype(str), "fold": np.full(len(rows), -1),
+                                   "rank": rank_of}, scored.features, dtype=ctx.cfg.embed.storage_dtype)
+
+
+def combine_train(ctx: RunContext) -> int | None:
     """Gather the folds' OOF features into train_features.parquet in data order, with the manifest the leak
     check reads. Returns the vectors' width."""
-    n_folds = cfg.cv.n_folds
-    states = [artifacts.read_state(stage_dir / f"fold_{k}") for k in range(n_folds)]
-    parts = [artifacts.read_feature_table(stage_dir / f"fold_{k}" / "train.parquet") for k in range(n_folds)]
+    cfg, lay = ctx.cfg, ctx.layout
+    states = [artifacts.read_state(lay.embed_fold(k)) for k in range(ctx.n_folds)]
+    parts = [artifacts.read_feature_table(lay.fold_features(k)) for k in range(ctx.n_folds)]
     scalars = pd.concat([p[0] for p in parts], ignore_index=True)
-    order = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str)).loc[train_ids].to_numpy()
+    order = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str)).loc[ctx.ids].to_numpy()
     matrices = {name: np.concatenate([p[1][name] for p in parts])[order] for name in parts[0][1]}
-    artifacts.write_feature_table(stage_dir / TRAIN_FEATURES, {"id": np.asarray(train_ids).astype(str),
-                                                               "fold": scalars["fold"].to_numpy()[order],
-                                                               "label": np.asarray(labels)},
+    artifacts.write_feature_table(lay.train_features, {"id": ctx.ids, "fold": scalars["fold"].to_numpy()[order],
+                                                       "label": ctx.labels},
                                   matrices, dtype=cfg.embed.storage_dtype)
-    artifacts.write_json(stage_dir / MANIFEST, {
-        "train": {f"fold_{k}": {key: s[key] for key in ("adapter", "adapter_train_folds", "scored_fold",
-                                                        "n_train_rows")} for k, s in enumerate(states)},
+    artifacts.write_json(lay.embed_manifest, {
+        "train": {f"fold_{k}": {key: s.get(key) for key in ("adapter", "adapter_train_folds", "scored_fold",
+                                                            "n_train_rows", "ranks")} for k, s in enumerate(states)},
         "setup": {key: states[0][key] for key in ("seed", "finetune", "data", "config_hash")},
         "layers": [float(f) for f in cfg.embed.layers], "pooling": cfg.embed.pooling,
         "swap_tta": bool(cfg.embed.swap_tta), "base_vectors": bool(cfg.embed.base_vectors),
@@ -239,29 +402,44 @@ def combine_train(stage_dir: Path, cfg: DictConfig, train_ids: np.ndarray, label
     return widths[0] if widths else None
 
 
-def average_test(folder: Path, test, cfg: DictConfig, ft_states: list[dict]) -> None:
-    """Mean over the fold adapters of the test rows' head probabilities and vectors, with a manifest."""
-    n_folds = cfg.cv.n_folds
-    tests = [artifacts.read_feature_table(folder / f"fold_{k}.parquet")[1] for k in range(n_folds)]
-    averaged = {name: np.mean([t[name] for t in tests], axis=0) for name in tests[0]}
-    write_features(folder / TEST_FEATURES, test.frame["id"].to_numpy(), np.full(len(test.frame), -1), averaged,
-                   cfg.embed.storage_dtype)
-    artifacts.write_json(folder / MANIFEST, {
-        "file": test.source, "n_rows": int(len(test.frame)),
-        "adapters": [str(Path(cfg.paths.exp_dir) / "finetune" / f"fold_{k}" / "adapter") for k in range(n_folds)],
+def finish_test(ctx: RunContext, folder: Path, ft_states: list[dict]) -> None:
+    """The test rows' features: the mean over the fold adapters' passes (head probabilities and vectors), or the
+    averaged adapter's single pass; with a manifest of which adapters and ranks scored them."""
+    cfg = ctx.cfg
+    averaged = cfg.embed.test_adapters == "averaged"
+    passes = [None] if averaged else list(range(ctx.n_folds))
+    tables = [artifacts.read_feature_table(layout.test_fold_features(folder, k)) for k in passes]
+    features = {name: np.mean([t[1][name] for t in tables], axis=0) for name in tables[0][1]}
+    write_features(folder / layout.TEST_FEATURES, ctx.test.frame["id"].to_numpy(), np.full(len(ctx.test.frame), -1),
+                   features, cfg.embed.storage_dtype)
+    lay = ctx.layout
+    artifacts.write_json(folder / layout.MANIFEST, {
+        "file": ctx.test.source, "n_rows": int(len(ctx.test.frame)),
+        "adapters": [str(lay.averaged_adapter)] if averaged else [str(lay.adapter(k)) for k in passes],
         "adapter_configs": [s["config_hash"] for s in ft_states],
-        "aggregation": f"mean over the {n_folds} fold adapters of head probabilities and vectors"})
+        "aggregation": (f"one pass with the {ctx.n_folds} fold adapters averaged into one (LoRA deltas and heads)"
+                        if averaged else f"mean over the {ctx.n_folds} fold adapters of head probabilities and "
+                                         "vectors"),
+        "ranks": {("averaged" if k is None else f"fold_{k}"): rank_counts(t[0]) for k, t in zip(passes, tables)}})
 
 
-def ensure_test_features(cfg: DictConfig, exp: Path, test, test_path: Path) -> Path:
-    """The averaged test feature file for `test`, extracting only the folds still missing."""
-    ft_states = finetune_fold_states(exp, cfg)
-    setup = setups.embed_setup(cfg, ft_states[0])
-    folder = test_dir(exp / "embed", test_path, setup)
-    if not (folder / TEST_FEATURES).exists():
-        extract_missing(cfg, exp, ft_states, setup, None, (test, folder))
-        average_test(folder, test, cfg, ft_states)
-    return folder / TEST_FEATURES
+def rank_counts(scalars: pd.DataFrame) -> dict[str, int]:
+    """How many rows each rank scored (files from before sharding have no `rank` column: one process)."""
+    ranks = scalars["rank"] if "rank" in scalars else pd.Series(np.zeros(len(scalars), dtype=np.int64))
+    return {str(r): int(n) for r, n in ranks.value_counts().sort_index().items()}
+
+
+def ensure_test_features(ctx: RunContext) -> Path:
+    """The test file's feature table for this setup, extracting only the passes still missing (every rank takes
+    part; rank 0 writes)."""
+    ft_states = finetune_fold_states(ctx)
+    setup = setups.embed_setup(ctx.cfg, ft_states[0])
+    folder = test_folder(ctx, ft_states[0])
+    if not (folder / layout.TEST_FEATURES).exists():
+        extract_missing(ctx, ft_states, setup, [], with_test=True)
+        if ctx.is_main:
+            finish_test(ctx, folder, ft_states)
+    return folder / layout.TEST_FEATURES
 
 
 @dataclass
@@ -291,7 +469,7 @@ def load_oof_features(exp: str | Path) -> OOFFeatures:
         oof = load_oof_features("outputs/shared_ties")
         for k in np.unique(oof.folds): train, valid = oof.folds != k, oof.folds == k ...
     """
-    path = Path(exp) / "embed" / TRAIN_FEATURES
+    path = Layout(Path(exp)).train_features
     if not path.exists():
         raise UserError(f"{path} not found; run stage=embed (or stage=all) for this experiment first")
     scalars, matrices = artifacts.read_feature_table(path)

@@ -10,8 +10,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline import artifacts
 from pipeline.errors import UserError
-
-FOLDS_FILE = "folds.parquet"
+from pipeline.layout import Layout
 
 
 def prompt_groups(prompts: pd.Series) -> np.ndarray:
@@ -55,7 +54,7 @@ def group_keys(frame: pd.DataFrame, group_by: str) -> np.ndarray:
 
 def load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int, group_by: str = "prompt") -> pd.DataFrame:
     """Return (id, fold) for `frame`, creating `folds.parquet` on first use and checking it afterwards."""
-    path = exp / FOLDS_FILE
+    path = Layout(exp).folds
     if path.exists():
         folds = artifacts.read_parquet(path, "delete it: folds are re-assigned from cv.n_folds and seed, but every "
                                              "finished stage of this experiment then no longer matches")

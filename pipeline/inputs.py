@@ -20,10 +20,6 @@ def data_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
     return train, (Path(cfg.data.test) if cfg.data.test is not None else test)
 
 
-def load_train(cfg: DictConfig) -> PairData:
-    return load_pairs(data_paths(cfg)[0], with_labels=True)
-
-
 def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:
     """`data.extra`: labelled rows that only ever join the fine-tune's training sets (never scored, never in a
     CV metric). An id shared with data.train would blur that line, so it is refused."""
@@ -36,7 +32,3 @@ def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:
                         "extra rows must be other rows")
     return extra
 
-
-def load_test(cfg: DictConfig) -> PairData | None:
-    test = data_paths(cfg)[1]
-    return load_pairs(test, with_labels=False) if test is not None else None

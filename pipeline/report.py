@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import artifacts
+from pipeline import artifacts, layout
 
 
 def table(metrics: dict) -> str:
@@ -88,4 +88,4 @@ def write(folder: Path, metrics: dict, labels: np.ndarray, predictions: dict[str
             f"- hyper-parameters chosen per fold: {metrics['params']}",
             f"- inner-CV log loss per candidate and fold: {metrics['inner_losses']}", "",
             "![log loss](logloss.png)", "", "![reliability](reliability.png)", ""]
-    artifacts.write_text(folder / "report.md", "\n".join(text))
+    artifacts.write_text(folder / layout.REPORT, "\n".join(text))

@@ -9,6 +9,8 @@ from pipeline import artifacts, inputs
 # Settings that change how a run is operated, not what it computes: changing them keeps finished work valid.
 FINETUNE_OPERATIONAL = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "deepspeed", "folds")
 EMBED_OPERATIONAL = ("batch_tokens", "padding_side")
+# Embed settings that change only the test features (never the OOF features or what the stacker learns from).
+EMBED_TEST_ONLY = ("test_adapters",)
 
 
 def _learned(node: DictConfig, operational: tuple[str, ...]) -> dict:
@@ -30,12 +32,17 @@ def embed_setup(cfg: DictConfig, finetune_state: dict) -> dict:
     """What finished embed folds must agree with: the adapters they read (the finetune setup, which covers the
     model, formatting and data), and every result-changing embed setting."""
     return {"seed": int(cfg.seed), "finetune": finetune_state["config_hash"], "data": finetune_state["data"],
-            "config_hash": artifacts.config_hash(_learned(cfg.embed, EMBED_OPERATIONAL))}
+            "config_hash": artifacts.config_hash(_learned(cfg.embed, EMBED_OPERATIONAL + EMBED_TEST_ONLY))}
+
+
+def test_setup(cfg: DictConfig, finetune_state: dict) -> dict:
+    """What a test file's features depend on: the embed setup plus how the fold adapters score it."""
+    return {**embed_setup(cfg, finetune_state), **{key: cfg.embed[key] for key in EMBED_TEST_ONLY}}
 
 
 def stack_setup(cfg: DictConfig) -> dict:
     """Every setting that decides what the stacker learned from; stage=predict must run with the same."""
     return {"model": OmegaConf.to_container(cfg.model, resolve=True),
-            "embed": _learned(cfg.embed, EMBED_OPERATIONAL),
+            "embed": _learned(cfg.embed, EMBED_OPERATIONAL + EMBED_TEST_ONLY),
             "cv": OmegaConf.to_container(cfg.cv, resolve=True), "seed": int(cfg.seed),
             "data": artifacts.file_fingerprint(inputs.data_paths(cfg)[0])}

@@ -30,7 +30,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import artifacts, extraction, folds, inputs, setups
+from pipeline import artifacts, extraction, layout, setups
+from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
 from pipeline.errors import UserError
 from pipeline.features import PairInputs, feature_frame, similarity_frame, text_inputs, vector_blocks
@@ -38,8 +39,6 @@ from pipeline.scoring import accuracy, fold_prior, logloss
 
 log = logging.getLogger(__name__)
 GROUPS = ("text", "rules", "head", "summary", "vectors")
-SUBMISSION = "submission.csv"
-MODEL_FILE = "model.json"
 EPS = 1e-7
 
 
@@ -415,23 +414,21 @@ def cross_validate(pair: PairInputs, y: np.ndarray, fold_of: np.ndarray, groups:
     return CVResult(oof, np.mean(test_parts, axis=0) if test_parts else None, member_oof, results)
 
 
-def load_train_features(exp: Path, frame: pd.DataFrame, fold_frame: pd.DataFrame, cfg: DictConfig
-                        ) -> dict[str, np.ndarray]:
+def load_train_features(ctx: RunContext) -> dict[str, np.ndarray]:
     """OOF embed features in data order, after the checks that they are leak-free and made with this setup."""
-    stage_dir = exp / "embed"
-    path = stage_dir / extraction.TRAIN_FEATURES
-    manifest_path = stage_dir / extraction.MANIFEST
+    lay = ctx.layout
+    path, manifest_path = lay.train_features, lay.embed_manifest
     if not path.exists() or not manifest_path.exists():
         raise UserError(f"{path} not found; run stage=embed first")
     manifest = artifacts.read_json(manifest_path)
-    expected = setups.embed_setup(cfg, extraction.finetune_fold_states(exp, cfg)[0])
+    expected = setups.embed_setup(ctx.cfg, extraction.finetune_fold_states(ctx)[0])
     changed = [k for k, v in expected.items() if manifest.get("setup", {}).get(k) != v]
     if changed:
         raise UserError(f"{path} was made with other settings ({', '.join(changed)} differ from this command "
                         "line's); run stage=embed with these settings first")
-    matrices = extraction.read_in_order(path, frame["id"].to_numpy())
+    matrices = extraction.read_in_order(path, ctx.ids)
     scalars, _ = artifacts.read_feature_table(path)
-    assigned = dict(zip(fold_frame["id"], fold_frame["fold"].astype(int)))
+    assigned = dict(zip(ctx.ids, ctx.fold_of.astype(int)))
     leaks = extraction.leaking_rows(scalars["id"].astype(str).to_numpy(), scalars["fold"].to_numpy(), assigned,
                                     manifest)
     if leaks:
@@ -440,29 +437,25 @@ def load_train_features(exp: Path, frame: pd.DataFrame, fold_frame: pd.DataFrame
     return matrices
 
 
-def test_features(cfg: DictConfig, exp: Path, test) -> dict[str, np.ndarray]:
-    """The test file's averaged features, made by finetune/embed with the current setup (never extracted here)."""
-    ft_states = extraction.finetune_fold_states(exp, cfg)
-    folder = extraction.test_dir(exp / "embed", inputs.data_paths(cfg)[1], setups.embed_setup(cfg, ft_states[0]))
-    path = folder / extraction.TEST_FEATURES
+def test_features(ctx: RunContext) -> dict[str, np.ndarray]:
+    """The test file's features, made by finetune/embed/predict with the current setup (never extracted here)."""
+    folder = extraction.test_folder(ctx, extraction.finetune_fold_states(ctx)[0])
+    path = folder / layout.TEST_FEATURES
     if not path.exists():
-        raise UserError(f"no features for data.test={inputs.data_paths(cfg)[1]} with this setup; run stage=embed "
-                        "(or stage=predict) with it first")
-    return extraction.read_in_order(path, test.frame["id"].to_numpy())
+        raise UserError(f"no features for data.test={ctx.test_path} with this setup; run stage=embed (or "
+                        "stage=predict) with it first")
+    return extraction.read_in_order(path, ctx.test.frame["id"].to_numpy())
 
 
-def score(cfg: DictConfig, with_test: bool = False, baselines: bool = True) -> dict:
+def score(ctx: RunContext, with_test: bool = False, baselines: bool = True) -> dict:
     """Cross-validate stage two (and the baselines) on an experiment's features; returns metrics plus the arrays
     the stack stage writes (keys `_...`). Deterministic for a given config: stage=predict refits with it."""
-    exp = artifacts.exp_dir(cfg)
-    frame = inputs.load_train(cfg).frame
-    fold_frame = folds.load_or_create(exp, frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
-    matrices = load_train_features(exp, frame, fold_frame, cfg)
-    test = inputs.load_test(cfg) if with_test else None
-    test_pair = stacker_inputs(test.frame, test_features(cfg, exp, test)) if test is not None else None
-    metrics = evaluate(stacker_inputs(frame, matrices), frame["label"].to_numpy(), fold_frame["fold"].to_numpy(),
-                       folds.group_keys(frame, cfg.cv.group_by), cfg, vector_settings(cfg.stack, matrices),
-                       test_pair, baselines)
+    frame = ctx.train.frame
+    matrices = load_train_features(ctx)
+    test = ctx.test if with_test else None
+    test_pair = stacker_inputs(test.frame, test_features(ctx)) if test is not None else None
+    metrics = evaluate(stacker_inputs(frame, matrices), ctx.labels, ctx.fold_of, ctx.groups, ctx.cfg,
+                       vector_settings(ctx.cfg.stack, matrices), test_pair, baselines)
     metrics["_frame"] = frame
     metrics["_test_ids"] = None if test is None else test.frame["id"].to_numpy()
     return metrics

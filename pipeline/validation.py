@@ -88,4 +88,7 @@ def validate(cfg: DictConfig) -> None:
     validate_model(cfg.model)
     validate_finetune(cfg.finetune, n_folds)
     extraction.validate(cfg.embed)
+    if cfg.embed.test_adapters == "averaged" and cfg.finetune.lora.get("use_dora"):
+        raise UserError("embed.test_adapters=averaged with finetune.lora.use_dora=true: DoRA adapters cannot be "
+                        "averaged exactly; use embed.test_adapters=each")
     validate_stack(cfg.stack)

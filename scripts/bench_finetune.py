@@ -9,6 +9,8 @@ Both: the same LoRA setup, HF Trainer, one epoch over the rows. tokens/s counts 
 peak_fraction: 4*N FLOPs per real token (frozen base + LoRA; N = non-embedding parameters; no recomputation)
 per second, over this machine's GEMM peak measured here in the pipeline's compute dtype.
 Last line: speedup=X.XX padding_waste=Y.YY peak_fraction=Z.ZZ
+
+    python scripts/bench_finetune.py --profile   # where a LoRA step's seconds go (torch profiler), then the bench
 """
 from __future__ import annotations
 
@@ -26,6 +28,40 @@ from pipeline import benchmarking as bench  # noqa: E402
 from pipeline import modeling  # noqa: E402
 from pipeline.formatting import encode_frame  # noqa: E402
 from pipeline.stages.finetune import PaddingCollator, pipeline_trainer, training_arguments, training_rows  # noqa: E402,E501
+
+
+# Profiler op names -> what they are in a LoRA step, for the --profile breakdown.
+OP_KINDS = (("matmuls (base and LoRA linears, attention)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
+                                                            "aten::linear", "scaled_dot_product", "aten::_mkl")),
+            ("dtype casts (autocast, fp32 master weights)", ("aten::to", "aten::_to_copy", "aten::copy_")),
+            ("optimizer", ("Optimizer.", "aten::_foreach", "adam")),
+            ("norms, activations, elementwise", ("aten::mul", "aten::add", "aten::silu", "aten::rsqrt", "aten::pow",
+                                                "aten::mean", "aten::div", "aten::neg", "aten::cat", "aten::softmax",
+                                                "aten::exp", "aten::sum", "aten::where")))
+
+
+def profile_steps(cfg, source, tokenizer, rows, dtype, on, steps: int = 6) -> None:
+    """Run `steps` pipeline training steps under the torch profiler; print the top ops by self time and the share
+    of each kind of work (matmuls, casts, optimizer, elementwise, the rest: collation, autograd bookkeeping)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg.finetune.max_steps = steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None)
+    cfg.finetune.max_steps = -1
+    events = prof.key_averages()
+    attr = "self_device_time_total" if on.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=attr, row_limit=15))
+    total = sum(getattr(e, attr) for e in events)
+    shares = {kind: 0.0 for kind, _ in OP_KINDS}
+    for event in events:
+        kind = next((k for k, names in OP_KINDS if any(n.lower() in event.key.lower() for n in names)), None)
+        if kind is not None:
+            shares[kind] += getattr(event, attr)
+    for kind, value in shares.items():
+        print(f"{kind}: {100 * value / total:.1f}% of self time")
+    print(f"everything else (collation, autograd bookkeeping, hooks): {100 * (1 - sum(shares.values()) / total):.1f}%")
 
 
 def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_length: int | None) -> dict:
@@ -53,7 +89,9 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
 
 
 def main() -> None:
-    args = bench.common_arguments(__doc__.splitlines()[0]).parse_args()
+    parser = bench.common_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="first profile a few pipeline training steps")
+    args = parser.parse_args()
     cfg = bench.compose(args, f"finetune.per_device_batch_size={args.batch_rows}", "finetune.swap_augmentation=false",
                         "finetune.epochs=1", "finetune.report_to=none")
     on = modeling.device()
@@ -65,11 +103,15 @@ def main() -> None:
     print(f"{len(rows)} rows, {sum(len(e.input_ids) for e in encoded)} real tokens, max_length "
           f"{cfg.model.max_length}, model {cfg.model.name}{' (random init)' if args.preset_random else ''}, "
           f"device {on}, pipeline dtype {dtype}")
+    if args.profile:
+        profile_steps(cfg, source, tokenizer, rows, dtype, on)
 
     naive = train_once(cfg, source, tokenizer, rows, torch.float32, on, grouped=False,
                        fixed_length=cfg.model.max_length)
-    pipeline = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None)
+    # Measured right before the timed pipeline run, in the same process and dtype: the denominator of
+    # peak_fraction reflects the machine as the run sees it (shared machines drift).
     peak = bench.gemm_peak(dtype, on)
+    pipeline = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None)
     bench.print_table([
         ("naive (fp32, file order, pad to max_length)", f"{naive['seconds']:.1f}", f"{naive['tokens_per_s']:.0f}",
          f"{naive['waste']:.3f}", f"{naive['flops_per_s'] / 1e9:.1f}"),

@@ -72,14 +72,14 @@ def compose(overrides: list[str]):
 
 def ablation_table(overrides: list[str]) -> str:
     """Stacker variants re-scored on the run's features and folds (seconds each), each as honest as the stage."""
-    from pipeline import stacking
+    from pipeline import context, stacking
     from pipeline.errors import UserError
 
     lines = ["| stacker variant | OOF log loss | accuracy | chosen per fold | seconds |", "|---|---|---|---|---|"]
     for name, extra in ABLATIONS.items():
         start = time.perf_counter()
         try:
-            result = stacking.score(compose([*overrides, *extra]), baselines=False)
+            result = stacking.score(context.open_run(compose([*overrides, *extra]), "bench_quality"), baselines=False)
         except UserError as exc:
             lines.append(f"| {name} | n/a ({exc}) | | | |")
             continue
@@ -93,13 +93,11 @@ def source_holdout_table(overrides: list[str]) -> str:
     made without it; inner splits grouped by source too, as with cv.group_by=source). The head and vectors are
     the prompt-grouped run's OOF features, so this measures how the stacker carries to a new source;
     --group-by source measures the fine-tune too."""
-    from pipeline import artifacts, folds, inputs, stacking
+    from pipeline import context, stacking
 
-    cfg = compose(overrides)
-    exp = artifacts.exp_dir(cfg)
-    frame = inputs.load_train(cfg).frame
-    fold_frame = folds.load_or_create(exp, frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
-    matrices = stacking.load_train_features(exp, frame, fold_frame, cfg)
+    ctx = context.open_run(compose(overrides), "bench_quality")
+    cfg, frame = ctx.cfg, ctx.train.frame
+    matrices = stacking.load_train_features(ctx)
     sources = sorted(frame["source"].unique())
     source_fold = frame["source"].map({s: k for k, s in enumerate(sources)}).to_numpy()
     result = stacking.evaluate(stacking.stacker_inputs(frame, matrices), frame["label"].to_numpy(), source_fold,

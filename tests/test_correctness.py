@@ -30,11 +30,13 @@ from pipeline.errors import UserError
     ("stack.blend_members=[head,nope]", "nope"),
     ("stack.inner_folds=1", "stack.inner_folds=1"),
     ("finetune.folds=[0,7]", "finetune.folds"),
+    ("embed.test_adapters=mean", "embed.test_adapters=mean"),
+    ("embed.test_adapters=averaged +finetune.lora.use_dora=true", "use_dora"),
     ("model.path=/nonexistent/model", "model.path=/nonexistent/model"),
 ])
 def test_every_bad_setting_is_refused_before_anything_runs(override, fragment):
     with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-        validation.validate(compose_cfg(["model=tiny", override]))
+        validation.validate(compose_cfg(["model=tiny", *override.split()]))
 
 
 def test_an_empty_model_folder_is_refused(tmp_path):

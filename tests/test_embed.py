@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import artifacts, extraction, inputs, modeling
+from pipeline import artifacts, extraction, inputs, layout, modeling
+from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame, segment_text
 from pipeline.inference import forward_pass, span_weights
@@ -23,7 +24,7 @@ def fold_model(tiny_experiment):
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     model = modeling.load_with_adapter(source, cfg.model, tokenizer, exp / "finetune" / "fold_0" / "adapter",
                                        torch.float32, torch.device("cpu"))
-    frame = inputs.load_train(cfg).frame.iloc[:9]
+    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame.iloc[:9]
     return model, tokenizer, encode_frame(tokenizer, frame, cfg.model), frame
 
 
@@ -65,7 +66,7 @@ def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):
     cfg = tiny_cfg("model.max_length=150", "model.truncation_side=left")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    frame = inputs.load_train(cfg).frame
+    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame
     truncated = 0
     for enc, a, b in zip(encode_frame(tokenizer, frame, cfg.model), frame["response_a"], frame["response_b"]):
         assert len(enc.input_ids) <= 150
@@ -82,12 +83,12 @@ def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):
 
 def test_features_and_manifest(tiny_experiment):
     cfg, exp, metrics = tiny_experiment
-    scalars, matrices = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
+    scalars, matrices = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
     assert scalars["id"].is_unique and len(scalars) == metrics["check"]["train"]["n_rows"]
     expected = {f"h{round(f * 100):03d}_{span}_{o}" for f in cfg.embed.layers
                 for span in ("prompt", "a", "b", "verdict") for o in ("fwd", "swp")}
     assert set(matrices) == {"head", "head_swapped", *expected}
-    manifest = artifacts.read_json(exp / "embed" / extraction.MANIFEST)
+    manifest = artifacts.read_json(exp / "embed" / layout.MANIFEST)
     assert set(manifest["train"]) == {f"fold_{k}" for k in range(cfg.cv.n_folds)}
     # The finetune OOF head probabilities are the embed pass's (one pass, not two).
     oof = pd.read_parquet(exp / "finetune" / "oof.parquet")
@@ -106,15 +107,15 @@ def test_fold_end_features_equal_a_separate_embed_pass(tiny_experiment, tmp_path
     shutil.copytree(exp.parent / "demo_data", tmp_path / "demo_data")
     for k in range(cfg.cv.n_folds):
         shutil.rmtree(copy / "embed" / f"fold_{k}")
-    (copy / "embed" / extraction.TRAIN_FEATURES).unlink()
+    (copy / "embed" / layout.TRAIN_FEATURES).unlink()
     again = cfg.copy()
     again.paths.output_dir = str(tmp_path)
     again.paths.exp_dir = str(copy)
     from pipeline.stages import embed
 
     assert embed.run(again)["refreshed_folds"] == list(range(cfg.cv.n_folds))
-    _, original = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
-    _, separate = artifacts.read_feature_table(copy / "embed" / extraction.TRAIN_FEATURES)
+    _, original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    _, separate = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES)
     assert set(original) == set(separate)
     for name in original:
         np.testing.assert_allclose(separate[name], original[name], atol=2e-3, rtol=1e-2)
@@ -122,8 +123,8 @@ def test_fold_end_features_equal_a_separate_embed_pass(tiny_experiment, tmp_path
 
 def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
     cfg, exp, _ = tiny_experiment
-    manifest = artifacts.read_json(exp / "embed" / extraction.MANIFEST)
-    scalars, _ = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
+    manifest = artifacts.read_json(exp / "embed" / layout.MANIFEST)
+    scalars, _ = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
     folds = pd.read_parquet(exp / "folds.parquet")
     assigned = dict(zip(folds["id"].astype(str), folds["fold"]))
     assert extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, manifest) == []
@@ -132,13 +133,13 @@ def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
     leaks = extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, doctored)
     assert set(leaks) == set(folds.loc[folds["fold"] == 1, "id"].astype(str))
     # The stack stage refuses such features.
-    original = (exp / "embed" / extraction.MANIFEST).read_text()
+    original = (exp / "embed" / layout.MANIFEST).read_text()
     try:
-        artifacts.write_json(exp / "embed" / extraction.MANIFEST, doctored)
+        artifacts.write_json(exp / "embed" / layout.MANIFEST, doctored)
         with pytest.raises(UserError, match="scored by an adapter trained on them"):
             stack.run(cfg)
     finally:
-        (exp / "embed" / extraction.MANIFEST).write_text(original)
+        (exp / "embed" / layout.MANIFEST).write_text(original)
 
 
 def test_load_oof_features_for_your_own_model(tiny_experiment):
@@ -149,7 +150,7 @@ def test_load_oof_features_for_your_own_model(tiny_experiment):
     oof = load_oof_features(exp)
     folds = pd.read_parquet(exp / "folds.parquet")
     assert list(oof.ids) == list(folds["id"].astype(str)) and (oof.folds == folds["fold"].to_numpy()).all()
-    labels = inputs.load_train(cfg).frame["label"].to_numpy()
+    labels = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame["label"].to_numpy()
     assert (oof.labels == labels).all()
     np.testing.assert_allclose(oof.head.sum(axis=1), 1, atol=1e-2)
     frame = oof.frame()

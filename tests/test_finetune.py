@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import artifacts, inputs, modeling
+from pipeline import artifacts, context, inputs, modeling
+from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair, encode_frame
 from pipeline.stages import finetune
@@ -15,12 +16,12 @@ from pipeline.stages import finetune
 def tiny_setup(cfg):
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    frame = inputs.load_train(cfg).frame
+    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame
     return source, tokenizer, frame
 
 
 def test_adapter_and_head_change_base_does_not(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("finetune.max_steps=3", "finetune.learning_rate=1e-2")
+    cfg = tiny_cfg("finetune.max_steps=3", "finetune.learning_rate=1e-2", "model.precision=fp32")
     source, tokenizer, frame = tiny_setup(cfg)
     encoded = encode_frame(tokenizer, frame, cfg.model)
     rows = finetune.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(40), False)
@@ -31,7 +32,9 @@ def test_adapter_and_head_change_base_does_not(tiny_cfg, tmp_path):
     reference = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, dtype, on), cfg.model,
                                   cfg.finetune.lora, False)
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    model, stats = finetune.train_fold(cfg, 0, tmp_path / "fold_0", source, tokenizer, rows, on, dtype)
+    ctx = context.open_run(cfg, "finetune")
+    assert (ctx.device, ctx.dtype) == (on, dtype)
+    model, stats = finetune.train_fold(ctx, 0, source, tokenizer, rows)
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
@@ -90,19 +93,44 @@ def test_config_change_is_reported_not_mixed(tiny_experiment):
         finetune.run(reseeded)
 
 
-def test_killed_fold_resumes_from_trainer_checkpoint(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("finetune.max_steps=4", "finetune.save_steps=2")
+def test_killed_fold_resumes_from_trainer_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    """A fold killed after its step-4 checkpoint continues from it on the next run: it starts at step 4, runs only
+    the missing steps, and ends with the weights of one uninterrupted run."""
+    overrides = ("finetune.max_steps=6", "finetune.save_steps=2", "finetune.learning_rate=1e-2")
+    cfg = tiny_cfg(*overrides)
     source, tokenizer, frame = tiny_setup(cfg)
     encoded = encode_frame(tokenizer, frame, cfg.model)
     rows = finetune.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(len(frame)), False)
-    on, dtype = torch.device("cpu"), torch.float32
-    fold_dir = tmp_path / "fold_0"
-    _, first = finetune.train_fold(cfg, 0, fold_dir, source, tokenizer, rows, on, dtype)
-    assert first["resumed_from"] is None
-    cfg.finetune.max_steps = 6  # the "rest of the run" after a kill at step 4
-    _, second = finetune.train_fold(cfg, 0, fold_dir, source, tokenizer, rows, on, dtype)
-    assert second["resumed_from"].endswith("checkpoint-4")
-    assert second["train_rows"] == len(rows)
+
+    class Killed(Exception):
+        pass
+
+    original = finetune.pipeline_trainer
+
+    def killed_after_step_4(head_lr):
+        class Killing(original(head_lr)):
+            def training_step(self, *args, **kwargs):
+                if self.state.global_step == 4:
+                    raise Killed
+                return super().training_step(*args, **kwargs)
+        return Killing
+
+    ctx = context.open_run(cfg, "finetune")
+    monkeypatch.setattr(finetune, "pipeline_trainer", killed_after_step_4)
+    with pytest.raises(Killed):
+        finetune.train_fold(ctx, 0, source, tokenizer, rows)
+    monkeypatch.setattr(finetune, "pipeline_trainer", original)
+    resumed, stats = finetune.train_fold(ctx, 0, source, tokenizer, rows)
+    assert stats["resumed_from"].endswith("checkpoint-4") and stats["global_step"] == 6
+    # Only steps 5-6 ran after the resume: 2 batches of 16 rows.
+    assert 0 < stats["padded_tokens"] <= 2 * 16 * max(len(e.input_ids) for e in encoded)
+    whole = context.open_run(tiny_cfg(*overrides, output_dir=tmp_path / "whole"), "finetune")
+    uninterrupted, whole_stats = finetune.train_fold(whole, 0, source, tokenizer, rows)
+    assert whole_stats["resumed_from"] is None and whole_stats["global_step"] == 6
+    reference = dict(uninterrupted.named_parameters())
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, reference[name], atol=1e-5, rtol=1e-4)
 
 
 def test_token_counts_hold_with_dataloader_workers(tiny_cfg, tmp_path):
@@ -111,8 +139,7 @@ def test_token_counts_hold_with_dataloader_workers(tiny_cfg, tmp_path):
     source, tokenizer, frame = tiny_setup(cfg)
     encoded = encode_frame(tokenizer, frame, cfg.model)
     rows = finetune.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
-    _, stats = finetune.train_fold(cfg, 0, tmp_path / "fold_0", source, tokenizer, rows, torch.device("cpu"),
-                                   torch.float32)
+    _, stats = finetune.train_fold(context.open_run(cfg, "finetune"), 0, source, tokenizer, rows)
     # 2 steps of 16 rows each, every row of the tiny demo data at least 100 tokens after formatting.
     assert stats["train_tokens"] >= 2 * 16 * 100 and stats["padded_tokens"] >= stats["train_tokens"]
 
@@ -163,4 +190,4 @@ def test_extra_rows_must_be_other_rows(tiny_cfg, tmp_path):
     train_path = inputs.data_paths(cfg)[0]
     cfg.data.extra = str(train_path)
     with pytest.raises(UserError, match="ids also in data.train"):
-        inputs.load_extra(cfg, inputs.load_train(cfg))
+        inputs.load_extra(cfg, load_pairs(inputs.data_paths(cfg)[0], with_labels=True))

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import TINY_OVERRIDES
-from pipeline import artifacts
-from pipeline.data import LABEL_COLUMNS
-from pipeline import extraction
+from pipeline import artifacts, extraction, inputs, layout
+from pipeline.data import LABEL_COLUMNS, load_pairs
 from pipeline.stages import embed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,14 @@ def test_torchrun_two_processes_same_layout_as_single(tmp_path, model_cache, tin
     assert oof["id"].is_unique and len(oof) == len(pd.read_parquet(single_exp / "folds.parquet"))
     metrics = json.loads((ddp / "metrics.json").read_text())
     assert metrics["finetune"]["oof_logloss"] > 0
+    for k in range(3):
+        # Both ranks trained: each step took a batch per rank, so an epoch needed half the single run's steps ...
+        ddp_steps = artifacts.read_state(ddp / "finetune" / f"fold_{k}")["stats"]["global_step"]
+        single_steps = artifacts.read_state(single_exp / "finetune" / f"fold_{k}")["stats"]["global_step"]
+        assert ddp_steps < single_steps
+        # ... and both scored a share of the fold-end pass.
+        ranks = artifacts.read_state(ddp / "embed" / f"fold_{k}")["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1] and all(r["rows"] > 0 for r in ranks)
 
 
 def test_multirun_keeps_each_jobs_results_apart(tmp_path, tiny_experiment):
@@ -103,7 +111,7 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
                          {**artifacts.read_state(copy / "embed" / "fold_1"), "done": False})
     (copy / "embed" / "fold_1" / ".train.parquet.x.tmp").write_bytes(b"half")
     shutil.rmtree(copy / "embed" / "fold_2")
-    (copy / "embed" / extraction.TRAIN_FEATURES).unlink()
+    (copy / "embed" / layout.TRAIN_FEATURES).unlink()
     fold_0_file = copy / "embed" / "fold_0" / "train.parquet"
     mtime = fold_0_file.stat().st_mtime_ns
     resumed = cfg.copy()
@@ -112,7 +120,126 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
     embed.run(resumed)
     assert fold_0_file.stat().st_mtime_ns == mtime  # finished fold not redone
     assert artifacts.read_state(copy / "embed" / "fold_2")["done"]
-    _, original = artifacts.read_feature_table(exp / "embed" / extraction.TRAIN_FEATURES)
-    _, again = artifacts.read_feature_table(copy / "embed" / extraction.TRAIN_FEATURES)
+    _, original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    _, again = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES)
     for name in original:
         np.testing.assert_array_equal(original[name], again[name])
+
+
+def copy_experiment(exp: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the shared tiny experiment (and its demo data) under tmp_path, for runs that change it."""
+    shutil.copytree(exp, tmp_path / name)
+    shutil.copytree(exp.parent / "demo_data", tmp_path / "demo_data")
+    return tmp_path / name
+
+
+def test_two_rank_sharded_embed_equals_one_process(tmp_path, model_cache, tiny_experiment):
+    """torchrun with 2 gloo processes: each rank scores a share of every pass (recorded per fold and per test
+    pass), and the gathered features equal the one-process features."""
+    cfg, exp, _ = tiny_experiment
+    copy = copy_experiment(exp, tmp_path, cfg.exp_name)
+    for k in range(cfg.cv.n_folds):
+        shutil.rmtree(copy / "embed" / f"fold_{k}")
+    for folder in (copy / "embed").glob("test_*"):
+        shutil.rmtree(folder)
+    (copy / "embed" / layout.TRAIN_FEATURES).unlink()
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
+         "pipeline", "stage=embed", *cli(tmp_path, model_cache, f"exp_name={cfg.exp_name}")])
+    _, single = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    _, sharded = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES)
+    assert set(single) == set(sharded)
+    for name in single:
+        np.testing.assert_allclose(sharded[name], single[name], atol=2e-3, rtol=1e-2)
+    manifest = artifacts.read_json(copy / "embed" / layout.MANIFEST)
+    for k in range(cfg.cv.n_folds):
+        ranks = manifest["train"][f"fold_{k}"]["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1] and all(r["rows"] > 0 for r in ranks)
+        assert sum(r["rows"] for r in ranks) == manifest["train"][f"fold_{k}"]["n_train_rows"]
+    [test_folder] = (copy / "embed").glob("test_*")
+    [reference_folder] = (exp / "embed").glob("test_*")
+    assert set(artifacts.read_json(test_folder / layout.MANIFEST)["ranks"]["fold_0"]) == {"0", "1"}
+    _, test_sharded = artifacts.read_feature_table(test_folder / layout.TEST_FEATURES)
+    _, test_single = artifacts.read_feature_table(reference_folder / layout.TEST_FEATURES)
+    for name in test_single:
+        np.testing.assert_allclose(test_sharded[name], test_single[name], atol=2e-3, rtol=1e-2)
+    assert not (copy / "embed" / "shards").exists() or not any((copy / "embed" / "shards").rglob("*.parquet"))
+
+
+def test_subset_of_folds_then_the_rest_equals_one_full_run(tmp_path, model_cache, tiny_experiment):
+    """finetune.folds=[0,2] then finetune.folds=[1] (as two jobs would): the same adapters' OOF as one run, and
+    embed / stack pick the folds up through their done-markers."""
+    from pipeline.stages import finetune, stack
+
+    cfg, reference, _ = tiny_experiment
+    base = cfg.copy()
+    base.paths.output_dir = str(tmp_path)
+    base.paths.exp_dir = str(tmp_path / cfg.exp_name)
+    base.paths.demo_dir = str(tmp_path / "demo_data")
+    shutil.copytree(reference.parent / "demo_data", tmp_path / "demo_data")
+    first = base.copy()
+    first.finetune.folds = [0, 2]
+    assert finetune.run(first) == {"pending_folds": [1]}
+    rest = base.copy()
+    rest.finetune.folds = [1]
+    metrics = finetune.run(rest)
+    np.testing.assert_array_equal(oof_probs(tmp_path / cfg.exp_name), oof_probs(reference))
+    assert metrics["oof_logloss"] == pytest.approx(
+        json.loads((reference / "metrics.json").read_text())["finetune"]["oof_logloss"])
+    assert embed.run(base)["refreshed_folds"] == []  # every fold's features came from its fold-end pass
+    assert stack.run(base)["oof_logloss"] > 0
+
+
+def test_averaged_adapter_equals_the_mean_of_the_merged_fold_models(tiny_experiment, tmp_path):
+    """The averaged adapter (rank K*r, folds' A stacked, B side by side and scaled) gives the logits of a model
+    whose weights are the mean of the K merged fold models; the head is the folds' mean head."""
+    import torch
+
+    from pipeline import modeling
+    from pipeline.formatting import encode_frame
+    from pipeline.inference import forward_pass
+
+    cfg, exp, _ = tiny_experiment
+    lay = layout.Layout(exp)
+    target = tmp_path / "averaged" / "adapter"
+    extraction.average_adapters([lay.adapter(k) for k in range(cfg.cv.n_folds)], target)
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    merged = [modeling.load_with_adapter(source, cfg.model, tokenizer, lay.adapter(k), fp32, cpu).merge_and_unload()
+              .state_dict() for k in range(cfg.cv.n_folds)]
+    mean_model = modeling.load_classifier(source, cfg.model, tokenizer, fp32, cpu)
+    mean_model.load_state_dict({name: torch.stack([m[name] for m in merged]).mean(0) for name in merged[0]})
+    averaged = modeling.load_with_adapter(source, cfg.model, tokenizer, target, fp32, cpu)
+    assert averaged.peft_config["default"].r == cfg.cv.n_folds * cfg.finetune.lora.r
+    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame.head(12)
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    expected = forward_pass(mean_model.eval(), encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
+    got = forward_pass(averaged, encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    one_fold = forward_pass(modeling.load_with_adapter(source, cfg.model, tokenizer, lay.adapter(0), fp32, cpu),
+                            encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
+    assert not np.allclose(one_fold, expected, atol=1e-4)  # the average is not just one fold
+
+
+def test_predict_with_the_averaged_adapter_scores_every_test_row(tiny_experiment, tmp_path):
+    """embed.test_adapters=averaged: one pass with the averaged adapter, a full submission, and the default
+    (every fold adapter) submission left as it was in its own test folder."""
+    from pipeline.stages import predict
+
+    cfg, exp, _ = tiny_experiment
+    copy = copy_experiment(exp, tmp_path, cfg.exp_name)
+    averaged = cfg.copy()
+    averaged.paths.output_dir = str(tmp_path)
+    averaged.paths.exp_dir = str(copy)
+    averaged.paths.demo_dir = str(tmp_path / "demo_data")
+    averaged.embed.test_adapters = "averaged"
+    metrics = predict.run(averaged)
+    submission = pd.read_csv(copy / "submission.csv")
+    test = pd.read_csv(inputs.data_paths(averaged)[1])
+    assert metrics["test_adapters"] == "averaged" and list(submission["id"]) == list(test["id"])
+    np.testing.assert_allclose(submission[list(LABEL_COLUMNS)].sum(axis=1), 1, rtol=1e-6)
+    folders = sorted((copy / "embed").glob("test_*"))
+    assert len(folders) == 2  # the default's test features and the averaged adapter's, side by side
+    manifest = artifacts.read_json(next(f for f in folders if (f / "averaged.parquet").exists()) / layout.MANIFEST)
+    assert manifest["adapters"] == [str(copy / "finetune" / "averaged" / "adapter")]
+    assert artifacts.read_state(copy / "finetune" / "averaged")["done"]

@@ -6,7 +6,7 @@ import time
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts
+from pipeline import artifacts, layout
 from pipeline.stages import check, embed, finetune, stack
 
 
@@ -17,17 +17,18 @@ def run(cfg: DictConfig) -> dict:
     results: dict = {}
     seconds: dict[str, float] = {}
     for name, module in stages:
-        if name in ("embed", "stack") and not artifacts.is_main_process():
-            break  # under torchrun, other ranks only share the fine-tuning work
+        if name == "stack" and not artifacts.is_main_process():
+            break  # under torchrun, other ranks share the fine-tuning and the feature passes
         start = time.perf_counter()
         results[name] = module.run(cfg)
         seconds[name] = round(time.perf_counter() - start, 1)
-    exp = artifacts.exp_dir(cfg)
+    lay = layout.Layout.of(cfg)
+    results["stage_seconds"] = seconds
     if artifacts.is_main_process():
-        artifacts.update_metrics(exp, "all", {"stage_seconds": seconds})
+        artifacts.update_metrics(lay.root, "all", {"stage_seconds": seconds})
         print(f"\ndone in {sum(seconds.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
-        print(f"  report:     {exp / 'stack' / 'report.md'}")
-        print(f"  metrics:    {exp / artifacts.METRICS_FILE}")
+        print(f"  report:     {lay.stack / layout.REPORT}")
+        print(f"  metrics:    {lay.metrics}")
         if "submission" in results.get("stack", {}):
             print(f"  submission: {results['stack']['submission']}")
     return results

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import artifacts, folds, inputs, modeling, validation
+from pipeline import artifacts, context, modeling, validation
 from pipeline.data import PairData
 from pipeline.formatting import MARKERS, segment_text, tokenizer_fn
 
@@ -53,14 +53,12 @@ def summarise(data: PairData, tokenizer, max_length: int) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     validation.validate(cfg)  # the whole config the other stages will run with
-    exp = artifacts.exp_dir(cfg)
-    train = inputs.load_train(cfg)
-    test = inputs.load_test(cfg)
     # Folds are assigned here when they do not exist yet, which also checks cv.n_folds against the data.
-    fold_frame = folds.load_or_create(exp, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
+    ctx = context.open_run(cfg, "check")
+    train, test = ctx.train, ctx.test
     tokenizer = cheap_tokenizer(cfg)
     metrics = {"train": summarise(train, tokenizer, cfg.model.max_length)}
-    metrics["train"]["fold_sizes"] = fold_frame["fold"].value_counts().sort_index().astype(int).tolist()
+    metrics["train"]["fold_sizes"] = np.bincount(ctx.fold_of, minlength=ctx.n_folds).astype(int).tolist()
     if test is not None:
         metrics["test"] = summarise(test, tokenizer, cfg.model.max_length)
         overlap = set(train.frame["id"]) & set(test.frame["id"])
@@ -73,8 +71,7 @@ def run(cfg: DictConfig) -> dict:
             pair = summary["token_lengths"]["pair"]
             line += (f", pair tokens p50/p90/p99/max = {pair['p50']}/{pair['p90']}/{pair['p99']}/{pair['max']} "
                      f"(model.max_length={cfg.model.max_length})")
-        print(line)
-    if artifacts.is_main_process():
-        artifacts.write_manifest(exp, cfg, "check")
-        artifacts.update_metrics(exp, "check", metrics)
+        log.info(line)
+    if ctx.is_main:
+        artifacts.update_metrics(ctx.layout.root, "check", metrics)
     return metrics

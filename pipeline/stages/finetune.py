@@ -19,11 +19,13 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, extraction, folds, inputs, modeling, setups
+from pipeline import artifacts, context, extraction, inputs, layout, modeling, setups
+from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS, swap_label
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair, encode_frame
 from pipeline.inference import pad_batch
+from pipeline.layout import EmbedFoldRecord, FinetuneFoldRecord
 from pipeline.scoring import accuracy, fold_prior, logloss
 
 log = logging.getLogger(__name__)
@@ -123,38 +125,39 @@ def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torc
     return TrainingArguments(**{**ours, **OmegaConf.to_container(ft.training_args, resolve=True)})
 
 
-def train_fold(cfg: DictConfig, k: int, fold_dir: Path, source, tokenizer, rows: list[dict], on: torch.device,
-               dtype: torch.dtype) -> tuple[object, dict]:
+def train_fold(ctx: RunContext, k: int, source, tokenizer, rows: list[dict]) -> tuple[object, dict]:
     """Train fold k's adapter and head with the Trainer, resuming from its last checkpoint if one exists."""
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
+    cfg, on, dtype = ctx.cfg, ctx.device, ctx.dtype
     seed = int(cfg.seed) + k
     set_seed(seed)  # also seeds the fresh `score` head
     model = modeling.load_classifier(source, cfg.model, tokenizer, dtype, on)
     if cfg.finetune.head_init == "verdict_tokens":
         modeling.init_head_from_verdict_tokens(model, tokenizer, source, list(cfg.finetune.verdict_words))
     model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
-    checkpoints = fold_dir / "checkpoints"
+    checkpoints = ctx.layout.checkpoints(k)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         log.info("fold %d: resuming from %s", k, resume)
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1)
-    trainer = pipeline_trainer(cfg.finetune.head_learning_rate)(model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
-                      data_collator=collator, processing_class=tokenizer)
+    trainer = pipeline_trainer(cfg.finetune.head_learning_rate)(
+        model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
+        data_collator=collator, processing_class=tokenizer)
+    for callback in trainer.callback_handler.callbacks:
+        # TensorBoard would write under checkpoints/, which is removed once the fold is done.
+        if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
+            callback.logging_dir = str(ctx.layout.tracking("finetune") / f"fold_{k}")
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     real, padded = trainer.real_tokens, trainer.padded_tokens
     stats = {"train_seconds": round(seconds, 2), "train_rows": len(rows), "train_tokens": real,
              "padded_tokens": padded, "tokens_per_s": round(real / seconds, 1),
-             "padding_waste": round(1 - real / padded, 4) if padded else 0.0, "resumed_from": resume}
+             "padding_waste": round(1 - real / padded, 4) if padded else 0.0, "resumed_from": resume,
+             "global_step": int(trainer.state.global_step)}
     return trainer.model, stats
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def fold_list(cfg: DictConfig) -> list[int]:
@@ -167,99 +170,98 @@ def fold_list(cfg: DictConfig) -> list[int]:
     return chosen
 
 
+def extra_training_rows(ctx: RunContext, tokenizer) -> list[dict]:
+    """`data.extra` rows (every fold trains on them; none is ever scored)."""
+    extra = inputs.load_extra(ctx.cfg, ctx.train)
+    if extra is None:
+        return []
+    swap = bool(ctx.cfg.finetune.swap_augmentation)
+    encoded = encode_frame(tokenizer, extra.frame, ctx.cfg.model)
+    swapped = encode_frame(tokenizer, extra.frame, ctx.cfg.model, swap=True) if swap else None
+    return training_rows(encoded, swapped, extra.frame["label"].to_numpy(), np.arange(len(encoded)), swap)
+
+
 def run(cfg: DictConfig) -> dict:
-    exp = artifacts.exp_dir(cfg)
-    stage_dir = exp / "finetune"
-    train = inputs.load_train(cfg)
-    extra = inputs.load_extra(cfg, train)
-    test = inputs.load_test(cfg)
-    frame = train.frame
-    fold_of = folds.load_or_create(exp, frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)["fold"].to_numpy()
-    labels = frame["label"].to_numpy()
-    on = modeling.device()
-    dtype = modeling.compute_dtype(cfg.model.precision, on)
+    ctx = context.open_run(cfg, "finetune")
+    lay, frame, labels, fold_of = ctx.layout, ctx.train.frame, ctx.labels, ctx.fold_of
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    encoded = encode_frame(tokenizer, frame, cfg.model)
-    tta = bool(cfg.embed.swap_tta)
-    swap_needed = cfg.finetune.swap_augmentation or tta
-    swapped = encode_frame(tokenizer, frame, cfg.model, swap=True) if swap_needed else None
-    extra_rows = []
-    if extra is not None:
-        extra_enc = encode_frame(tokenizer, extra.frame, cfg.model)
-        extra_swp = encode_frame(tokenizer, extra.frame, cfg.model, swap=True) if cfg.finetune.swap_augmentation \
-            else None
-        extra_rows = training_rows(extra_enc, extra_swp, extra.frame["label"].to_numpy(),
-                                   np.arange(len(extra_enc)), cfg.finetune.swap_augmentation)
+    # One encoding of the train file; the swapped one only when augmentation or swap TTA reads it.
+    rows_all = extraction.Rows(encode_frame(tokenizer, frame, cfg.model), None)
+    if cfg.finetune.swap_augmentation or cfg.embed.swap_tta:
+        rows_all.swapped = encode_frame(tokenizer, frame, cfg.model, swap=True)
+    scoring_rows = rows_all if cfg.embed.swap_tta else extraction.Rows(rows_all.encoded, None)
+    extra_rows = extra_training_rows(ctx, tokenizer)
     setup = setups.finetune_setup(cfg)
-    embed_dir = exp / "embed"
     embed_setup = setups.embed_setup(cfg, setup)
-    test_folder = extraction.test_dir(embed_dir, inputs.data_paths(cfg)[1], embed_setup) if test is not None else None
-    test_enc = test_swp = None
-    artifacts.write_manifest(exp, cfg, "finetune")
+    settings = extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype)
+    # With a test file, each fold adapter scores it at the fold's end (unless test rows wait for the averaged
+    # adapter, which needs every fold).
+    score_test = ctx.test is not None and cfg.embed.test_adapters == "each"
+    test_folder = extraction.test_folder(ctx, setup) if score_test else None
+    test_rows = None
 
     for k in fold_list(cfg):
-        fold_dir = stage_dir / f"fold_{k}"
+        fold_dir = lay.finetune_fold(k)
         if artifacts.check_state(fold_dir, setup, HOW_TO_FIX):
             log.info("fold %d: done, skipped", k)
             continue
         started = artifacts.read_state(fold_dir)
-        if artifacts.is_main_process() and started and any(started.get(key) != v for key, v in setup.items()):
+        if ctx.is_main and started and any(started.get(key) != v for key, v in setup.items()):
             # Started with other settings (e.g. a crash on a bad one): its checkpoints are not this run's.
-            shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)
-        if artifacts.is_main_process():
-            artifacts.write_json(fold_dir / artifacts.STATE_FILE, {"done": False, **setup})
+            shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
+        if ctx.is_main:
+            artifacts.mark_started(fold_dir, setup)
         train_index = np.flatnonzero(fold_of != k)
         held_out = np.flatnonzero(fold_of == k)
-        rows = training_rows(encoded, swapped, labels, train_index, cfg.finetune.swap_augmentation) + extra_rows
-        model, stats = train_fold(cfg, k, fold_dir, source, tokenizer, rows, on, dtype)
-        if artifacts.is_main_process():
-            model.save_pretrained(fold_dir / "adapter")
-            start = time.perf_counter()
-            # The held-out scoring pass is also the embed pass: head probabilities and vectors together.
-            feats = extraction.pass_features(model, [encoded[i] for i in held_out],
-                                             [swapped[i] for i in held_out] if tta else None,
-                                             tokenizer.pad_token_id, cfg.embed, on, dtype, desc=f"fold {k}")
-            probs = extraction.head_probabilities(feats)
-            artifacts.write_parquet(fold_dir / "oof.parquet", pd.DataFrame(
-                {"id": frame["id"].to_numpy()[held_out], "fold": k, **dict(zip(LABEL_COLUMNS, probs.T))}))
+        rows = training_rows(rows_all.encoded, rows_all.swapped, labels, train_index,
+                             cfg.finetune.swap_augmentation) + extra_rows
+        model, stats = train_fold(ctx, k, source, tokenizer, rows)
+        if ctx.is_main:
+            model.save_pretrained(lay.adapter(k))
+        start = time.perf_counter()
+        # The held-out scoring pass is also the embed pass: head probabilities and vectors together, every rank
+        # scoring a share of the rows.
+        scored = extraction.score_rows(model, scoring_rows.take(held_out), settings,
+                                       lay.shard_folder(f"finetune_fold_{k}"), desc=f"fold {k}")
+        train_folds = sorted(int(f) for f in set(fold_of[train_index]))
+        if ctx.is_main:
+            probs = extraction.head_probabilities(scored.features)
+            artifacts.write_parquet(lay.fold_oof(k), pd.DataFrame(
+                {"id": ctx.ids[held_out], "fold": k, **dict(zip(LABEL_COLUMNS, probs.T))}))
             stats["logloss"] = logloss(labels[held_out], probs)
-            train_folds = sorted(int(f) for f in set(fold_of[train_index]))
-            artifacts.mark_done(fold_dir, {**setup, "fold": k, "train_folds": train_folds, "stats": stats})
-            extraction.write_train_fold(embed_dir, k, frame["id"].to_numpy()[held_out], feats, embed_setup,
-                                        fold_dir / "adapter", train_folds, cfg.embed.storage_dtype,
-                                        time.perf_counter() - start)
-            if test_folder is not None and not (test_folder / f"fold_{k}.parquet").exists():
-                if test_enc is None:
-                    test_enc = encode_frame(tokenizer, test.frame, cfg.model)
-                    test_swp = encode_frame(tokenizer, test.frame, cfg.model, swap=True) if tta else None
-                extraction.write_features(test_folder / f"fold_{k}.parquet", test.frame["id"].to_numpy(),
-                                          np.full(len(test_enc), -1),
-                                          extraction.pass_features(model, test_enc, test_swp, tokenizer.pad_token_id,
-                                                                   cfg.embed, on, dtype, desc=f"fold {k} test"),
-                                          cfg.embed.storage_dtype)
-            shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)
+            artifacts.mark_done(fold_dir, FinetuneFoldRecord(k, train_folds, stats).as_state(setup))
+            record = EmbedFoldRecord(k, str(lay.adapter(k)), train_folds, int(len(held_out)),
+                                     round(time.perf_counter() - start, 2), scored.ranks)
+            extraction.write_train_fold(lay, ctx.ids[held_out], scored.features, embed_setup, record,
+                                        cfg.embed.storage_dtype)
+        if test_folder is not None and not layout.test_fold_features(test_folder, k).exists():
+            if test_rows is None:
+                test_rows = extraction.encode_rows(tokenizer, ctx.test.frame, cfg)
+            extraction.write_test_pass(ctx, test_folder, k, model, test_rows, settings)
+        if ctx.is_main:
+            shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
             log.info("fold %d: logloss %.4f, %.0f tokens/s", k, stats["logloss"], stats["tokens_per_s"])
         del model
-        barrier()
+        extraction.barrier()
 
-    if not artifacts.is_main_process():
+    if not ctx.is_main:
         return {}
-    states = [artifacts.read_state(stage_dir / f"fold_{k}") for k in range(cfg.cv.n_folds)]
-    pending = [k for k, state in enumerate(states) if not (state and state.get("done"))]
+    states = [artifacts.read_state(lay.finetune_fold(k)) for k in range(ctx.n_folds)]
+    pending = [k for k, state in enumerate(states) if not (state and state.get(layout.DONE))]
     if pending:
-        print(f"finetune: folds {pending} still to train (finetune.folds={list(fold_list(cfg))} done)")
+        log.info("finetune: folds %s still to train (finetune.folds=%s done)", pending, fold_list(cfg))
         return {"pending_folds": pending}
-    oof = pd.concat([artifacts.read_parquet(stage_dir / f"fold_{k}" / "oof.parquet", f"delete {stage_dir / f'fold_{k}'} "
-                                            "to retrain that fold") for k in range(cfg.cv.n_folds)])
+    oof = pd.concat([artifacts.read_parquet(lay.fold_oof(k), f"delete {lay.finetune_fold(k)} to retrain that fold")
+                     for k in range(ctx.n_folds)])
     oof["id"] = oof["id"].astype(str)
-    oof = oof.set_index("id").loc[frame["id"]].reset_index()
-    artifacts.write_parquet(stage_dir / "oof.parquet", oof)
+    oof = oof.set_index("id").loc[ctx.ids].reset_index()
+    artifacts.write_parquet(lay.finetune_oof, oof)
     metrics = summarise(oof, labels, fold_of, states)
-    artifacts.update_metrics(exp, "finetune", metrics)
-    print(f"finetune: oof_logloss {metrics['oof_logloss']:.4f} (class prior {metrics['prior_logloss']:.4f}), "
-          f"accuracy {metrics['accuracy']:.3f}, {metrics['tokens_per_s']:.0f} train tokens/s, "
-          f"padding waste {metrics['padding_waste']:.3f}")
+    artifacts.update_metrics(lay.root, "finetune", metrics)
+    log.info("finetune: oof_logloss %.4f (class prior %.4f), accuracy %.3f, %.0f train tokens/s, padding waste %.3f",
+             metrics["oof_logloss"], metrics["prior_logloss"], metrics["accuracy"], metrics["tokens_per_s"],
+             metrics["padding_waste"])
     return metrics
 
 

@@ -1,0 +1,80 @@
+"""A stage's run context, opened with one call: the input files resolved and read once, the folds, the experiment
+layout, the process's rank and its device and dtype. Every stage starts with `open_run(cfg, stage)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from pipeline import artifacts, folds, inputs
+from pipeline.data import PairData, load_pairs
+from pipeline.layout import Layout
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    layout: Layout
+    train_path: Path
+    test_path: Path | None
+    train: PairData
+    test: PairData | None
+    fold_of: np.ndarray  # the experiment's fold of each train row, train-file order
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.cfg.cv.n_folds)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.train.frame["id"].to_numpy().astype(str)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.train.frame["label"].to_numpy()
+
+    @property
+    def rank(self) -> int:
+        return artifacts.rank()
+
+    @property
+    def world_size(self) -> int:
+        return artifacts.world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @cached_property
+    def device(self) -> torch.device:
+        from pipeline import modeling
+
+        return modeling.device()
+
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        from pipeline import modeling
+
+        return modeling.compute_dtype(self.cfg.model.precision, self.device)
+
+    @cached_property
+    def groups(self) -> np.ndarray:
+        """The group key of each train row (`cv.group_by`): what inner splits keep together."""
+        return folds.group_keys(self.train.frame, self.cfg.cv.group_by)
+
+
+def open_run(cfg: DictConfig, stage: str, manifest_folder: Path | None = None) -> RunContext:
+    """Resolve and read data.train / data.test once, create or check the folds, record how the stage is run (in
+    `manifest_folder`/manifests/, the experiment folder unless a multirun job has its own)."""
+    layout = Layout.of(cfg)
+    artifacts.exp_dir(cfg)  # created by rank 0, its dead writers' temp files removed
+    train_path, test_path = inputs.data_paths(cfg)
+    train = load_pairs(train_path, with_labels=True)
+    test = load_pairs(test_path, with_labels=False) if test_path is not None else None
+    fold_of = folds.load_or_create(layout.root, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
+    artifacts.write_manifest(manifest_folder or layout.root, cfg, stage)
+    return RunContext(cfg, layout, train_path, test_path, train, test, fold_of["fold"].to_numpy())
