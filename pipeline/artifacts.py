@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -264,8 +265,14 @@ def write_feature_table(path: str | Path, columns: dict[str, Any], matrices: dic
         pq.write_table(pa.table(arrays), tmp)
 
 
-def read_feature_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Inverse of `write_feature_table`: (scalar columns frame, {name: float32 matrix})."""
+@dataclass
+class FeatureTable:
+    scalars: pd.DataFrame            # id, fold, ... (one value per row)
+    matrices: dict[str, Any]         # name -> (rows, width) float32
+
+
+def read_feature_table(path: str | Path) -> FeatureTable:
+    """Inverse of `write_feature_table`."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -283,4 +290,4 @@ def read_feature_table(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
             matrices[name] = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
         else:
             scalars[name] = column.to_numpy(zero_copy_only=False)
-    return pd.DataFrame(scalars), matrices
+    return FeatureTable(pd.DataFrame(scalars), matrices)

@@ -45,7 +45,7 @@ def bench_rows(args: argparse.Namespace, cfg: DictConfig) -> PairData:
     """The first `--rows` rows of the data file (file order is part of the naive baselines)."""
     from pipeline import inputs
 
-    path = args.data or (SHARED_FILE if SHARED_FILE.exists() else inputs.data_paths(cfg)[0])
+    path = args.data or (SHARED_FILE if SHARED_FILE.exists() else inputs.data_paths(cfg).train)
     data = load_pairs(path, with_labels=True)
     data.frame = data.frame.head(args.rows).reset_index(drop=True)
     return data

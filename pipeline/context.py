@@ -72,9 +72,9 @@ def open_run(cfg: DictConfig, stage: str, manifest_folder: Path | None = None) -
     `manifest_folder`/manifests/, the experiment folder unless a multirun job has its own)."""
     layout = Layout.of(cfg)
     artifacts.exp_dir(cfg)  # created by rank 0, its dead writers' temp files removed
-    train_path, test_path = inputs.data_paths(cfg)
-    train = load_pairs(train_path, with_labels=True)
-    test = load_pairs(test_path, with_labels=False) if test_path is not None else None
+    paths = inputs.data_paths(cfg)
+    train = load_pairs(paths.train, with_labels=True)
+    test = load_pairs(paths.test, with_labels=False) if paths.test is not None else None
     fold_of = folds.load_or_create(layout.root, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
     artifacts.write_manifest(manifest_folder or layout.root, cfg, stage)
-    return RunContext(cfg, layout, train_path, test_path, train, test, fold_of["fold"].to_numpy())
+    return RunContext(cfg, layout, paths.train, paths.test, train, test, fold_of["fold"].to_numpy())

@@ -203,7 +203,8 @@ def score_rows(model, rows: Rows, settings: PassSettings, shard_folder: Path, de
     for r, share in enumerate(shares):
         if not len(share):
             continue
-        scalars, matrices = artifacts.read_feature_table(shard_folder / f"rank_{r}.parquet")
+        table = artifacts.read_feature_table(shard_folder / f"rank_{r}.parquet")
+        scalars, matrices = table.scalars, table.matrices
         for name, matrix in matrices.items():
             if name not in gathered:
                 gathered[name] = np.zeros((len(rows), matrix.shape[1]), dtype=np.float32)
@@ -240,7 +241,8 @@ def read_in_order(path: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     """A feature table's matrices with rows in the order of `ids` (every id must be there)."""
     if not path.exists():
         raise UserError(f"{path} not found; run stage=embed first")
-    scalars, matrices = artifacts.read_feature_table(path)
+    table = artifacts.read_feature_table(path)
+    scalars, matrices = table.scalars, table.matrices
     index = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str))
     missing = [i for i in ids if i not in index.index]
     if missing:
@@ -385,9 +387,9 @@ def combine_train(ctx: RunContext) -> int | None:
     cfg, lay = ctx.cfg, ctx.layout
     states = [artifacts.read_state(lay.embed_fold(k)) for k in range(ctx.n_folds)]
     parts = [artifacts.read_feature_table(lay.fold_features(k)) for k in range(ctx.n_folds)]
-    scalars = pd.concat([p[0] for p in parts], ignore_index=True)
+    scalars = pd.concat([p.scalars for p in parts], ignore_index=True)
     order = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str)).loc[ctx.ids].to_numpy()
-    matrices = {name: np.concatenate([p[1][name] for p in parts])[order] for name in parts[0][1]}
+    matrices = {name: np.concatenate([p.matrices[name] for p in parts])[order] for name in parts[0].matrices}
     artifacts.write_feature_table(lay.train_features, {"id": ctx.ids, "fold": scalars["fold"].to_numpy()[order],
                                                        "label": ctx.labels},
                                   matrices, dtype=cfg.embed.storage_dtype)
@@ -409,7 +411,7 @@ def finish_test(ctx: RunContext, folder: Path, ft_states: list[dict]) -> None:
     averaged = cfg.embed.test_adapters == "averaged"
     passes = [None] if averaged else list(range(ctx.n_folds))
     tables = [artifacts.read_feature_table(layout.test_fold_features(folder, k)) for k in passes]
-    features = {name: np.mean([t[1][name] for t in tables], axis=0) for name in tables[0][1]}
+    features = {name: np.mean([t.matrices[name] for t in tables], axis=0) for name in tables[0].matrices}
     write_features(folder / layout.TEST_FEATURES, ctx.test.frame["id"].to_numpy(), np.full(len(ctx.test.frame), -1),
                    features, cfg.embed.storage_dtype)
     lay = ctx.layout
@@ -420,7 +422,7 @@ def finish_test(ctx: RunContext, folder: Path, ft_states: list[dict]) -> None:
         "aggregation": (f"one pass with the {ctx.n_folds} fold adapters averaged into one (LoRA deltas and heads)"
                         if averaged else f"mean over the {ctx.n_folds} fold adapters of head probabilities and "
                                          "vectors"),
-        "ranks": {("averaged" if k is None else f"fold_{k}"): rank_counts(t[0]) for k, t in zip(passes, tables)}})
+        "ranks": {("averaged" if k is None else f"fold_{k}"): rank_counts(t.scalars) for k, t in zip(passes, tables)}})
 
 
 def rank_counts(scalars: pd.DataFrame) -> dict[str, int]:
@@ -472,7 +474,8 @@ def load_oof_features(exp: str | Path) -> OOFFeatures:
     path = Layout(Path(exp)).train_features
     if not path.exists():
         raise UserError(f"{path} not found; run stage=embed (or stage=all) for this experiment first")
-    scalars, matrices = artifacts.read_feature_table(path)
+    table = artifacts.read_feature_table(path)
+    scalars, matrices = table.scalars, table.matrices
     head = (matrices.pop("head") + matrices.pop("head_swapped")) / 2
     return OOFFeatures(scalars["id"].astype(str).to_numpy(), scalars["fold"].to_numpy(),
                        scalars["label"].to_numpy(), head, matrices)

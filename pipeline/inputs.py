@@ -1,6 +1,7 @@
 """Resolve which train / test files a run uses and load them (shared by every stage)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -10,14 +11,21 @@ from pipeline.data import PairData, load_pairs
 from pipeline.errors import UserError
 
 
-def data_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """(train, test) paths. Without data.train the generated demo data is used, with its demo test file unless
-    data.test says otherwise."""
+@dataclass(frozen=True)
+class DataPaths:
+    train: Path
+    test: Path | None
+
+
+def data_paths(cfg: DictConfig) -> DataPaths:
+    """The train and test files. Without data.train the generated demo data is used, with its demo test file
+    unless data.test says otherwise."""
+    test = Path(cfg.data.test) if cfg.data.test is not None else None
     if cfg.data.train is not None:
-        return Path(cfg.data.train), (Path(cfg.data.test) if cfg.data.test is not None else None)
+        return DataPaths(Path(cfg.data.train), test)
     demo = cfg.data.demo
-    train, test = demo_data.ensure_demo_files(cfg.paths.demo_dir, demo.n_train, demo.n_test, demo.seed)
-    return train, (Path(cfg.data.test) if cfg.data.test is not None else test)
+    demo_train, demo_test = demo_data.ensure_demo_files(cfg.paths.demo_dir, demo.n_train, demo.n_test, demo.seed)
+    return DataPaths(demo_train, test or demo_test)
 
 
 def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:

@@ -21,7 +21,7 @@ def finetune_setup(cfg: DictConfig) -> dict:
     """What a finished fine-tune fold must agree with to be reused: seed, folds, train (and extra) file contents,
     and the model, formatting and fine-tune settings."""
     return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
-            "data": artifacts.file_fingerprint(inputs.data_paths(cfg)[0]),
+            "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train),
             "extra": artifacts.file_fingerprint(cfg.data.extra),
             "config_hash": artifacts.config_hash({"model": cfg.model,
                                                   "finetune": _learned(cfg.finetune, FINETUNE_OPERATIONAL),
@@ -45,4 +45,4 @@ def stack_setup(cfg: DictConfig) -> dict:
     return {"model": OmegaConf.to_container(cfg.model, resolve=True),
             "embed": _learned(cfg.embed, EMBED_OPERATIONAL + EMBED_TEST_ONLY),
             "cv": OmegaConf.to_container(cfg.cv, resolve=True), "seed": int(cfg.seed),
-            "data": artifacts.file_fingerprint(inputs.data_paths(cfg)[0])}
+            "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train)}

@@ -24,7 +24,7 @@ def fold_model(tiny_experiment):
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     model = modeling.load_with_adapter(source, cfg.model, tokenizer, exp / "finetune" / "fold_0" / "adapter",
                                        torch.float32, torch.device("cpu"))
-    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame.iloc[:9]
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame.iloc[:9]
     return model, tokenizer, encode_frame(tokenizer, frame, cfg.model), frame
 
 
@@ -66,7 +66,7 @@ def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):
     cfg = tiny_cfg("model.max_length=150", "model.truncation_side=left")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame
     truncated = 0
     for enc, a, b in zip(encode_frame(tokenizer, frame, cfg.model), frame["response_a"], frame["response_b"]):
         assert len(enc.input_ids) <= 150
@@ -83,7 +83,8 @@ def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):
 
 def test_features_and_manifest(tiny_experiment):
     cfg, exp, metrics = tiny_experiment
-    scalars, matrices = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    table = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    scalars, matrices = table.scalars, table.matrices
     assert scalars["id"].is_unique and len(scalars) == metrics["check"]["train"]["n_rows"]
     expected = {f"h{round(f * 100):03d}_{span}_{o}" for f in cfg.embed.layers
                 for span in ("prompt", "a", "b", "verdict") for o in ("fwd", "swp")}
@@ -114,8 +115,8 @@ def test_fold_end_features_equal_a_separate_embed_pass(tiny_experiment, tmp_path
     from pipeline.stages import embed
 
     assert embed.run(again)["refreshed_folds"] == list(range(cfg.cv.n_folds))
-    _, original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
-    _, separate = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES)
+    original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
+    separate = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     assert set(original) == set(separate)
     for name in original:
         np.testing.assert_allclose(separate[name], original[name], atol=2e-3, rtol=1e-2)
@@ -124,7 +125,7 @@ def test_fold_end_features_equal_a_separate_embed_pass(tiny_experiment, tmp_path
 def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
     cfg, exp, _ = tiny_experiment
     manifest = artifacts.read_json(exp / "embed" / layout.MANIFEST)
-    scalars, _ = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    scalars = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).scalars
     folds = pd.read_parquet(exp / "folds.parquet")
     assigned = dict(zip(folds["id"].astype(str), folds["fold"]))
     assert extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, manifest) == []
@@ -150,7 +151,7 @@ def test_load_oof_features_for_your_own_model(tiny_experiment):
     oof = load_oof_features(exp)
     folds = pd.read_parquet(exp / "folds.parquet")
     assert list(oof.ids) == list(folds["id"].astype(str)) and (oof.folds == folds["fold"].to_numpy()).all()
-    labels = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame["label"].to_numpy()
+    labels = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame["label"].to_numpy()
     assert (oof.labels == labels).all()
     np.testing.assert_allclose(oof.head.sum(axis=1), 1, atol=1e-2)
     frame = oof.frame()
@@ -177,12 +178,12 @@ def test_embed_refuses_a_train_file_with_other_contents(tiny_experiment, tmp_pat
     from pipeline.stages import embed
 
     cfg, exp, _ = tiny_experiment
-    original = pd.read_csv(inputs.data_paths(cfg)[0])
+    original = pd.read_csv(inputs.data_paths(cfg).train)
     swapped = original.rename(columns={"response_a": "response_b", "response_b": "response_a",
                                        "winner_model_a": "winner_model_b", "winner_model_b": "winner_model_a"})
     swapped.to_csv(tmp_path / "swapped.csv", index=False)
     changed = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={cfg.paths.output_dir}",
                            f"paths.model_cache_dir={cfg.paths.model_cache_dir}", f"exp_name={cfg.exp_name}",
-                           f"data.train={tmp_path / 'swapped.csv'}", f"data.test={inputs.data_paths(cfg)[1]}"])
+                           f"data.train={tmp_path / 'swapped.csv'}", f"data.test={inputs.data_paths(cfg).test}"])
     with pytest.raises(UserError, match="data.train differs"):
         embed.run(changed)

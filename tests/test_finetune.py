@@ -16,7 +16,7 @@ from pipeline.stages import finetune
 def tiny_setup(cfg):
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame
     return source, tokenizer, frame
 
 
@@ -187,7 +187,7 @@ def test_extra_rows_must_be_other_rows(tiny_cfg, tmp_path):
     from pipeline.errors import UserError
 
     cfg = tiny_cfg()
-    train_path = inputs.data_paths(cfg)[0]
+    train_path = inputs.data_paths(cfg).train
     cfg.data.extra = str(train_path)
     with pytest.raises(UserError, match="ids also in data.train"):
-        inputs.load_extra(cfg, load_pairs(inputs.data_paths(cfg)[0], with_labels=True))
+        inputs.load_extra(cfg, load_pairs(inputs.data_paths(cfg).train, with_labels=True))

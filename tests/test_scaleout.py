@@ -120,8 +120,8 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
     embed.run(resumed)
     assert fold_0_file.stat().st_mtime_ns == mtime  # finished fold not redone
     assert artifacts.read_state(copy / "embed" / "fold_2")["done"]
-    _, original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
-    _, again = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES)
+    original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
+    again = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     for name in original:
         np.testing.assert_array_equal(original[name], again[name])
 
@@ -145,8 +145,8 @@ def test_two_rank_sharded_embed_equals_one_process(tmp_path, model_cache, tiny_e
     (copy / "embed" / layout.TRAIN_FEATURES).unlink()
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
          "pipeline", "stage=embed", *cli(tmp_path, model_cache, f"exp_name={cfg.exp_name}")])
-    _, single = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
-    _, sharded = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES)
+    single = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
+    sharded = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     assert set(single) == set(sharded)
     for name in single:
         np.testing.assert_allclose(sharded[name], single[name], atol=2e-3, rtol=1e-2)
@@ -158,8 +158,8 @@ def test_two_rank_sharded_embed_equals_one_process(tmp_path, model_cache, tiny_e
     [test_folder] = (copy / "embed").glob("test_*")
     [reference_folder] = (exp / "embed").glob("test_*")
     assert set(artifacts.read_json(test_folder / layout.MANIFEST)["ranks"]["fold_0"]) == {"0", "1"}
-    _, test_sharded = artifacts.read_feature_table(test_folder / layout.TEST_FEATURES)
-    _, test_single = artifacts.read_feature_table(reference_folder / layout.TEST_FEATURES)
+    test_sharded = artifacts.read_feature_table(test_folder / layout.TEST_FEATURES).matrices
+    test_single = artifacts.read_feature_table(reference_folder / layout.TEST_FEATURES).matrices
     for name in test_single:
         np.testing.assert_allclose(test_sharded[name], test_single[name], atol=2e-3, rtol=1e-2)
     assert not (copy / "embed" / "shards").exists() or not any((copy / "embed" / "shards").rglob("*.parquet"))
@@ -211,7 +211,7 @@ def test_averaged_adapter_equals_the_mean_of_the_merged_fold_models(tiny_experim
     mean_model.load_state_dict({name: torch.stack([m[name] for m in merged]).mean(0) for name in merged[0]})
     averaged = modeling.load_with_adapter(source, cfg.model, tokenizer, target, fp32, cpu)
     assert averaged.peft_config["default"].r == cfg.cv.n_folds * cfg.finetune.lora.r
-    frame = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame.head(12)
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame.head(12)
     encoded = encode_frame(tokenizer, frame, cfg.model)
     expected = forward_pass(mean_model.eval(), encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
     got = forward_pass(averaged, encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
@@ -235,7 +235,7 @@ def test_predict_with_the_averaged_adapter_scores_every_test_row(tiny_experiment
     averaged.embed.test_adapters = "averaged"
     metrics = predict.run(averaged)
     submission = pd.read_csv(copy / "submission.csv")
-    test = pd.read_csv(inputs.data_paths(averaged)[1])
+    test = pd.read_csv(inputs.data_paths(averaged).test)
     assert metrics["test_adapters"] == "averaged" and list(submission["id"]) == list(test["id"])
     np.testing.assert_allclose(submission[list(LABEL_COLUMNS)].sum(axis=1), 1, rtol=1e-6)
     folders = sorted((copy / "embed").glob("test_*"))

@@ -25,7 +25,7 @@ def test_oof_and_metrics(tiny_experiment):
     assert len(st["chosen"]) == cfg.cv.n_folds
     assert all(c in [*cfg.stack.blend_members, "blend"] for c in st["chosen"])
     # The stacker's OOF is exactly what the chosen candidate predicted on each fold.
-    labels = load_pairs(inputs.data_paths(cfg)[0], with_labels=True).frame["label"].to_numpy()
+    labels = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame["label"].to_numpy()
     assert st["oof_logloss"] == pytest.approx(logloss(labels, oof[list(LABEL_COLUMNS)].to_numpy()), rel=1e-6)
     report = (exp / "stack" / "report.md").read_text()
     assert "\n| stacker | " in report and "## Per fold" in report and "layers" in report
