@@ -133,14 +133,17 @@ def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
     doctored["train"]["fold_1"]["adapter_train_folds"].append(1)
     leaks = extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, doctored)
     assert set(leaks) == set(folds.loc[folds["fold"] == 1, "id"].astype(str))
-    # The stack stage refuses such features.
-    original = (exp / "embed" / layout.MANIFEST).read_text()
-    try:
-        artifacts.write_json(exp / "embed" / layout.MANIFEST, doctored)
-        with pytest.raises(UserError, match="scored by an adapter trained on them"):
-            stack.run(cfg)
-    finally:
-        (exp / "embed" / layout.MANIFEST).write_text(original)
+    # The stack stage refuses such features (on a copy: the shared experiment stays as every test expects it).
+    import shutil
+
+    shutil.copytree(exp, tmp_path / cfg.exp_name)
+    shutil.copytree(exp.parent / "demo_data", tmp_path / "demo_data")
+    artifacts.write_json(tmp_path / cfg.exp_name / "embed" / layout.MANIFEST, doctored)
+    doctored_cfg = cfg.copy()
+    doctored_cfg.paths.output_dir = str(tmp_path)
+    doctored_cfg.paths.exp_dir = str(tmp_path / cfg.exp_name)
+    with pytest.raises(UserError, match="scored by an adapter trained on them"):
+        stack.run(doctored_cfg)
 
 
 def test_load_oof_features_for_your_own_model(tiny_experiment):

@@ -186,7 +186,8 @@ def test_subset_of_folds_then_the_rest_equals_one_full_run(tmp_path, model_cache
     assert metrics["oof_logloss"] == pytest.approx(
         json.loads((reference / "metrics.json").read_text())["finetune"]["oof_logloss"])
     assert embed.run(base)["refreshed_folds"] == []  # every fold's features came from its fold-end pass
-    assert stack.run(base)["oof_logloss"] > 0
+    reference_stack = json.loads((reference / "metrics.json").read_text())["stack"]["oof_logloss"]
+    assert stack.run(base)["oof_logloss"] == pytest.approx(reference_stack, abs=1e-6)
 
 
 def test_averaged_adapter_equals_the_mean_of_the_merged_fold_models(tiny_experiment, tmp_path):

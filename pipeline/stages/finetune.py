@@ -45,15 +45,50 @@ class PaddingCollator:
                 "labels": torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)}
 
 
-def pipeline_trainer(head_learning_rate: float | None):
-    """The HF Trainer plus two things: the optimizer can give the `score` head its own learning rate (the scheduler
-    then scales both groups alike), and real / padded tokens are counted where batches reach the model, in the
-    main process, so the counts hold with dataloader workers too."""
+class LengthBatchSampler(torch.utils.data.Sampler):
+    """Rows sorted by length (ties broken at random) and cut into batches of `batch_size`, the batches in random
+    order, reseeded per epoch. Every batch holds rows of nearly one length, so dynamic padding wastes almost
+    nothing at any data size (HF's LengthGroupedSampler sorts only within random mega-batches, which on a few
+    hundred rows are a single batch: no grouping at all)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it, also when resuming mid-run
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        noise = torch.rand(len(self.lengths), generator=generator).tolist()
+        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i] + noise[i])
+        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield from batches[b]
+
+
+def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: bool = True):
+    """The HF Trainer plus three things: the optimizer can give the `score` head its own learning rate (the
+    scheduler then scales both groups alike); real / padded tokens are counted where batches reach the model, in
+    the main process, so the counts hold with dataloader workers too; and `train_sampling_strategy=group_by_length`
+    uses LengthBatchSampler (`tight_length_batches=False` keeps HF's sampler, for the benchmark's comparison)."""
     from transformers import Trainer
 
     class PipelineTrainer(Trainer):
         real_tokens = 0
         padded_tokens = 0
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if not (tight_length_batches and self.args.train_sampling_strategy == "group_by_length"):
+                return super()._get_train_sampler(train_dataset)
+            return LengthBatchSampler([len(row["input_ids"]) for row in dataset],
+                                      self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
 
         def training_step(self, model, inputs, *args, **kwargs):
             mask = inputs["attention_mask"]

@@ -28,7 +28,7 @@ def results_dir(lay: layout.Layout) -> Path:
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().runtime.output_dir) / "stack"
+        return layout.Layout(Path(HydraConfig.get().runtime.output_dir)).stack
     return lay.stack
 
 
