@@ -67,14 +67,28 @@ class RunContext:
         return folds.group_keys(self.train.frame, self.cfg.cv.group_by)
 
 
+_PARSED: dict[bool, tuple[tuple, PairData]] = {}  # with_labels -> (file identity, parsed data)
+
+
+def read_pairs(path: Path, with_labels: bool) -> PairData:
+    """Parse an input file once per process (stage=all runs four stages on it): reused while the file's path, size
+    and modification time are unchanged. One train and one test file are kept. Stages treat frames as read-only."""
+    stat = path.stat() if path.exists() else None
+    identity = (str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size)
+    cached = _PARSED.get(with_labels)
+    if cached is None or cached[0] != identity:
+        _PARSED[with_labels] = (identity, load_pairs(path, with_labels=with_labels))
+    return _PARSED[with_labels][1]
+
+
 def open_run(cfg: DictConfig, stage: str, manifest_folder: Path | None = None) -> RunContext:
     """Resolve and read data.train / data.test once, create or check the folds, record how the stage is run (in
     `manifest_folder`/manifests/, the experiment folder unless a multirun job has its own)."""
     layout = Layout.of(cfg)
     artifacts.exp_dir(cfg)  # created by rank 0, its dead writers' temp files removed
     paths = inputs.data_paths(cfg)
-    train = load_pairs(paths.train, with_labels=True)
-    test = load_pairs(paths.test, with_labels=False) if paths.test is not None else None
+    train = read_pairs(paths.train, with_labels=True)
+    test = read_pairs(paths.test, with_labels=False) if paths.test is not None else None
     fold_of = folds.load_or_create(layout.root, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
     artifacts.write_manifest(manifest_folder or layout.root, cfg, stage)
     return RunContext(cfg, layout, paths.train, paths.test, train, test, fold_of["fold"].to_numpy())

@@ -175,9 +175,11 @@ def barrier() -> None:
 
 @dataclass
 class Scored:
-    """A pass's features (on rank 0; None on the other ranks) and which rank scored how many rows / tokens."""
+    """A pass's features (on rank 0; None on the other ranks), which rank scored each row, and per rank how many
+    rows / tokens."""
 
     features: dict[str, np.ndarray] | None
+    rank_of_row: np.ndarray
     ranks: list[dict[str, int]]
 
 
@@ -189,8 +191,11 @@ def score_rows(model, rows: Rows, settings: PassSettings, shard_folder: Path, de
     shares = shard_rows(lengths, world) if world > 1 else [np.arange(len(rows))]
     ranks = [{"rank": r, "rows": int(len(share)), "tokens": int(sum(lengths[i] for i in share))}
              for r, share in enumerate(shares)]
+    rank_of_row = np.zeros(len(rows), dtype=np.int64)
+    for r, share in enumerate(shares):
+        rank_of_row[share] = r
     if world == 1:
-        return Scored(pass_features(model, rows, settings, desc), ranks)
+        return Scored(pass_features(model, rows, settings, desc), rank_of_row, ranks)
     rank = artifacts.rank()
     mine = shares[rank]
     if len(mine):
@@ -198,7 +203,7 @@ def score_rows(model, rows: Rows, settings: PassSettings, shard_folder: Path, de
         artifacts.write_feature_table(shard_folder / f"rank_{rank}.parquet", {"row": mine}, feats, dtype="float32")
     barrier()
     if rank != 0:
-        return Scored(None, ranks)
+        return Scored(None, rank_of_row, ranks)
     gathered: dict[str, np.ndarray] = {}
     for r, share in enumerate(shares):
         if not len(share):
@@ -210,7 +215,7 @@ def score_rows(model, rows: Rows, settings: PassSettings, shard_folder: Path, de
                 gathered[name] = np.zeros((len(rows), matrix.shape[1]), dtype=np.float32)
             gathered[name][scalars["row"].to_numpy()] = matrix
     shutil.rmtree(shard_folder, ignore_errors=True)
-    return Scored(gathered, ranks)
+    return Scored(gathered, rank_of_row, ranks)
 
 
 def write_features(path: Path, ids: np.ndarray, fold: np.ndarray, feats: dict[str, np.ndarray],
@@ -371,14 +376,9 @@ def write_test_pass(ctx: RunContext, folder: Path, k: int | None, model, rows: R
     scored = score_rows(model, rows, settings, ctx.layout.shard_folder(f"test_{name}"), desc=f"{name} test")
     if not ctx.is_main:
         return
-    world = artifacts.world_size()
-    shares = shard_rows(rows.lengths, world) if world > 1 else [np.arange(len(rows))]
-    rank_of = np.zeros(len(rows), dtype=np.int64)
-    for r, share in enumerate(shares):
-        rank_of[share] = r
     artifacts.write_feature_table(layout.test_fold_features(folder, k),
                                   {"id": ctx.test.frame["id"].to_numpy().astype(str), "fold": np.full(len(rows), -1),
-                                   "rank": rank_of}, scored.features, dtype=ctx.cfg.embed.storage_dtype)
+                                   "rank": scored.rank_of_row}, scored.features, dtype=ctx.cfg.embed.storage_dtype)
 
 
 def combine_train(ctx: RunContext) -> int | None:

@@ -68,3 +68,17 @@ def test_run_context_reads_inputs_once_and_records_the_stage(tiny_cfg):
     assert set(ctx.fold_of.tolist()) == {0, 1, 2} and ctx.test is not None and ctx.test_path.exists()
     assert ctx.layout.folds.exists() and ctx.layout.manifest("check").exists()
     assert ctx.world_size == 1 and ctx.is_main and ctx.device.type == "cpu"
+
+
+def test_input_files_are_parsed_once_per_process_until_they_change(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "train.csv"
+    pd.DataFrame({"id": ["1", "2"], "prompt": ['["p"]'] * 2, "response_a": ['["a"]'] * 2,
+                  "response_b": ['["b"]'] * 2, "winner_model_a": [1, 0], "winner_model_b": [0, 1],
+                  "winner_tie": [0, 0]}).to_csv(path, index=False)
+    first = context.read_pairs(path, with_labels=True)
+    assert context.read_pairs(path, with_labels=True) is first
+    pd.read_csv(path).head(1).to_csv(path, index=False)
+    changed = context.read_pairs(path, with_labels=True)
+    assert changed is not first and len(changed.frame) == 1
