@@ -155,6 +155,9 @@ def test_training_arguments_and_lora_fields_by_their_own_names(tiny_cfg, tmp_pat
                                                        torch.device("cpu")), cfg.model, cfg.finetune.lora, False)
     config = model.peft_config["default"]
     assert config.use_rslora and config.r == 4 and "score" in config.modules_to_save
+    # ... and the Trainer runs with them: its optimizer is Adafactor, its clipping 0.5.
+    trainer = finetune.pipeline_trainer(None)(model=model, args=args, train_dataset=[])
+    assert type(trainer.create_optimizer()).__name__ == "Adafactor" and trainer.args.max_grad_norm == 0.5
 
 
 def test_head_gets_its_own_learning_rate(tiny_cfg, tmp_path):
