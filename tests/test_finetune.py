@@ -202,20 +202,20 @@ def test_length_batches_cover_every_row_once_and_pad_little():
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     rng = np.random.default_rng(0)
-    lengths = rng.integers(40, 400, 96).tolist()
+    lengths = np.minimum(rng.integers(40, 400, 403), 192).tolist()  # many rows at the cap, 403 = 50 batches + 3
     sampler = finetune.LengthBatchSampler(lengths, batch_size=8, seed=1)
     order = list(sampler)
-    assert sorted(order) == list(range(96))
+    assert sorted(order) == list(range(403))
 
     def waste(indices: list[int]) -> float:
         batches = [indices[i: i + 8] for i in range(0, len(indices), 8)]
-        padded = sum(8 * max(lengths[i] for i in b) for b in batches)
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
         return 1 - sum(lengths) / padded
 
     hf = list(LengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(1)))
-    assert waste(order) < 0.1 and waste(order) < waste(hf) / 3
+    assert waste(order) < 0.02 and waste(order) < waste(hf) / 3
     sampler.set_epoch(1)
-    assert list(sampler) != order and sorted(sampler) == list(range(96))
+    assert list(sampler) != order and sorted(sampler) == list(range(403))
     sampler.set_epoch(0)
     assert list(sampler) == order
 

@@ -67,9 +67,13 @@ class LengthBatchSampler(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         noise = torch.rand(len(self.lengths), generator=generator).tolist()
         order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i] + noise[i])
-        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        # The DataLoader cuts this flat stream into batches again: full batches are shuffled, the short one goes
+        # last (in the middle it would shift every later batch off its length group).
+        full = len(order) - len(order) % self.batch_size
+        batches = [order[i: i + self.batch_size] for i in range(0, full, self.batch_size)]
         for b in torch.randperm(len(batches), generator=generator).tolist():
             yield from batches[b]
+        yield from order[full:]
 
 
 def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: bool = True):
