@@ -6,6 +6,7 @@ temporary name in the same folder and renamed into place, and a stage folder onl
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -162,9 +163,16 @@ def config_hash(obj: Any) -> str:
 
 
 def file_fingerprint(path: str | Path | None) -> str | None:
-    """Content hash of an input file, so artifacts made from other data are detected."""
+    """Content hash of an input file, so artifacts made from other data are detected. Every setup check asks for
+    it, so it is hashed once per process while the file's size and modification time stay the same."""
     if path is None:
         return None
+    stat = os.stat(path)
+    return _content_hash(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _content_hash(path: str, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -224,11 +224,17 @@ def write_features(path: Path, ids: np.ndarray, fold: np.ndarray, feats: dict[st
                                   dtype=storage_dtype)
 
 
-def write_train_fold(lay: Layout, ids: np.ndarray, feats: dict[str, np.ndarray], setup: dict,
-                     record: EmbedFoldRecord, storage_dtype: str) -> None:
-    """One fold's OOF features and its done-marker (what the leak check reads)."""
-    write_features(lay.fold_features(record.fold), ids, np.full(len(ids), record.fold), feats, storage_dtype)
-    artifacts.mark_done(lay.embed_fold(record.fold), record.as_state(setup))
+def write_train_fold(ctx: RunContext, k: int, scored: Scored, setup: dict, adapter_train_folds: list[int],
+                     seconds: float) -> None:
+    """Fold k's OOF features (its held-out rows, scored by its adapter) and its done-marker, which records what
+    the leak check reads: the adapter, the folds it trained on, and which rank scored how many rows."""
+    held_out = np.flatnonzero(ctx.fold_of == k)
+    lay = ctx.layout
+    write_features(lay.fold_features(k), ctx.ids[held_out], np.full(len(held_out), k), scored.features,
+                   ctx.cfg.embed.storage_dtype)
+    record = EmbedFoldRecord(k, str(lay.adapter(k)), adapter_train_folds, int(len(held_out)), round(seconds, 2),
+                             scored.ranks)
+    artifacts.mark_done(lay.embed_fold(k), record.as_state(setup))
 
 
 def leaking_rows(ids: np.ndarray, feature_fold: np.ndarray, assigned_fold: dict[str, int], manifest: dict) -> list[str]:
@@ -246,14 +252,17 @@ def read_in_order(path: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     """A feature table's matrices with rows in the order of `ids` (every id must be there)."""
     if not path.exists():
         raise UserError(f"{path} not found; run stage=embed first")
-    table = artifacts.read_feature_table(path)
-    scalars, matrices = table.scalars, table.matrices
-    index = pd.Series(np.arange(len(scalars)), index=scalars["id"].astype(str))
+    return rows_in_order(artifacts.read_feature_table(path), ids, path)
+
+
+def rows_in_order(table: artifacts.FeatureTable, ids: np.ndarray, path: Path) -> dict[str, np.ndarray]:
+    """`table`'s matrices with rows in the order of `ids`; `path` names the file when an id is missing."""
+    index = pd.Series(np.arange(len(table.scalars)), index=table.scalars["id"].astype(str))
     missing = [i for i in ids if i not in index.index]
     if missing:
         raise UserError(f"{path} lacks {len(missing)} rows (first id {missing[0]}); re-run stage=embed")
     order = index.loc[list(ids)].to_numpy()
-    return {name: m[order] for name, m in matrices.items()}
+    return {name: m[order] for name, m in table.matrices.items()}
 
 
 def finetune_fold_states(ctx: RunContext) -> list[dict]:
@@ -359,9 +368,7 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
             scored = score_rows(model, train_rows.take(held_out), settings, lay.shard_folder(f"fold_{k}"),
                                 desc=f"embed fold {k}")
             if ctx.is_main:
-                record = EmbedFoldRecord(k, str(lay.adapter(k)), ft_states[k]["train_folds"], int(len(held_out)),
-                                         round(time.perf_counter() - start, 2), scored.ranks)
-                write_train_fold(lay, ctx.ids[held_out], scored.features, setup, record, cfg.embed.storage_dtype)
+                write_train_fold(ctx, k, scored, setup, ft_states[k]["train_folds"], time.perf_counter() - start)
         if k in test_passes:
             write_test_pass(ctx, folder, k, model, test_rows, settings)
     if None in test_passes:

@@ -426,8 +426,9 @@ def load_train_features(ctx: RunContext) -> dict[str, np.ndarray]:
     if changed:
         raise UserError(f"{path} was made with other settings ({', '.join(changed)} differ from this command "
                         "line's); run stage=embed with these settings first")
-    matrices = extraction.read_in_order(path, ctx.ids)
-    scalars = artifacts.read_feature_table(path).scalars
+    table = artifacts.read_feature_table(path)  # read once: it can be the experiment's largest file
+    matrices = extraction.rows_in_order(table, ctx.ids, path)
+    scalars = table.scalars
     assigned = dict(zip(ctx.ids, ctx.fold_of.astype(int)))
     leaks = extraction.leaking_rows(scalars["id"].astype(str).to_numpy(), scalars["fold"].to_numpy(), assigned,
                                     manifest)

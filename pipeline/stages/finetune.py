@@ -25,7 +25,7 @@ from pipeline.data import LABEL_COLUMNS, swap_label
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair, encode_frame
 from pipeline.inference import pad_batch
-from pipeline.layout import EmbedFoldRecord, FinetuneFoldRecord
+from pipeline.layout import FinetuneFoldRecord
 from pipeline.scoring import accuracy, fold_prior, logloss
 
 log = logging.getLogger(__name__)
@@ -270,10 +270,7 @@ def run(cfg: DictConfig) -> dict:
                 {"id": ctx.ids[held_out], "fold": k, **dict(zip(LABEL_COLUMNS, probs.T))}))
             stats["logloss"] = logloss(labels[held_out], probs)
             artifacts.mark_done(fold_dir, FinetuneFoldRecord(k, train_folds, stats).as_state(setup))
-            record = EmbedFoldRecord(k, str(lay.adapter(k)), train_folds, int(len(held_out)),
-                                     round(time.perf_counter() - start, 2), scored.ranks)
-            extraction.write_train_fold(lay, ctx.ids[held_out], scored.features, embed_setup, record,
-                                        cfg.embed.storage_dtype)
+            extraction.write_train_fold(ctx, k, scored, embed_setup, train_folds, time.perf_counter() - start)
         if test_folder is not None and not layout.test_fold_features(test_folder, k).exists():
             if test_rows is None:
                 test_rows = extraction.encode_rows(tokenizer, ctx.test.frame, cfg)
