@@ -1,15 +1,18 @@
 """`python -m pipeline [stage=...] [key=value ...]`: dispatch a stage, return the metric sweeps minimise."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import artifacts, tracking, validation
+from pipeline import artifacts, locks, tracking, validation
 from pipeline.errors import UserError
 
 STAGES = ("check", "finetune", "embed", "stack", "predict", "all")
@@ -18,15 +21,57 @@ SWEEP_METRIC = {"finetune": ("oof_logloss",), "stack": ("oof_logloss",), "all": 
 log = logging.getLogger("pipeline")
 
 
+def locked_folder(cfg: DictConfig) -> Path | None:
+    """The folder whose lock a stage holds for its whole run (README "Concurrency"): the experiment for every stage
+    that writes its shared artifacts; none for stage=finetune (it locks each fold it trains, so K fold jobs run
+    side by side) and for a stack multirun job (it writes only its own job folder); stage=predict's own output
+    folder when paths.predict_dir sends its results elsewhere."""
+    if cfg.stage == "finetune":
+        return None
+    if cfg.stage == "stack":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None
+    if cfg.stage == "predict" and cfg.paths.predict_dir:
+        return Path(cfg.paths.predict_dir)
+    return Path(cfg.paths.exp_dir)
+
+
 def run_stage(cfg: DictConfig) -> dict:
     if cfg.stage not in STAGES:
         raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}")
     validation.validate(cfg)
     module = importlib.import_module(f"pipeline.stages.{cfg.stage}")
-    metrics = module.run(cfg)
+    folder = locked_folder(cfg)
+    with locks.experiment(folder, cfg.stage) if folder is not None else contextlib.nullcontext():
+        metrics = module.run(cfg)
     if artifacts.is_main_process():
         tracking.log_stage_metrics(cfg, cfg.stage, metrics)
     return metrics
+
+
+def print_error(message: str) -> None:
+    """One `error:` line at the start of a line of stderr: open progress bars are closed first, so the line is
+    never glued to a bar's last frame (`grep '^error:'` finds it)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """A file-system refusal (read-only folder, no permission, disk full) as one line naming the path; None for
+    other OS errors (bugs: their traceback is wanted)."""
+    if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = exc.filename or "a file"
+    hint = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else \
+        "write somewhere writable: paths.output_dir=... (stage=predict on a read-only experiment: paths.predict_dir=...)"
+    return f"cannot write {where}: {exc.strerror}; {hint}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -34,7 +79,17 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_stage(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print_error(f"interrupted: stage={cfg.stage} of {cfg.paths.exp_dir} stopped; finished folds and files are "
+                    "kept, and re-running the same command resumes from them")
+        sys.exit(130)
+    except OSError as exc:
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        print_error(message)
         sys.exit(2)
     finally:
         import torch.distributed as dist

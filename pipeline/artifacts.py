@@ -24,8 +24,10 @@ from typing import Any, Iterator
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import locks
 from pipeline.errors import UserError
 from pipeline.layout import DONE, STATE_FILE, Layout
+
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "lightgbm", "hydra-core", "pandas", "numpy",
                     "scikit-learn", "bitsandbytes", "deepspeed")
 
@@ -47,9 +49,10 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def exp_dir(cfg: DictConfig) -> Path:
+def exp_dir(cfg: DictConfig, writable: bool = True) -> Path:
+    """The experiment folder: created (when this run writes it) and cleaned of dead writers' temp files."""
     path = Path(cfg.paths.exp_dir)
-    if is_main_process():
+    if is_main_process() and writable:
         path.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(path)
     return path
@@ -65,10 +68,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+TEMP_SUFFIX = ".pipeline-tmp"  # only files with this suffix are ever cleaned up: never a user's own *.tmp
+
+
 def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Temp files left by a killed writer (`.NAME.PID.XXXX.tmp` whose PID is gone): removed on the next run."""
+    """Temp files left by a killed writer (`.NAME.PID.XXXX.pipeline-tmp` whose PID is gone): removed on the next
+    run. Only called on an experiment folder (whose name was checked to stay inside paths.output_dir)."""
     removed = []
-    for tmp in folder.rglob(".*.tmp"):
+    for tmp in folder.rglob(f".*{TEMP_SUFFIX}"):
         parts = tmp.name.split(".")
         pid = next((int(p) for p in parts[2:-1] if p.isdigit()), None)
         if pid is not None and not _pid_alive(pid):
@@ -84,12 +91,22 @@ def _user_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def apply_user_mode(folder: Path) -> None:
+    """Give a folder written by a library (safetensors writes 0600, mkdtemp makes 0700) the modes a plain open()
+    and mkdir() would under the user's umask, as every other artifact has."""
+    file_mode = _user_file_mode()
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r: a folder one can read is one one can list
+    os.chmod(folder, dir_mode)
+    for path in folder.rglob("*"):
+        os.chmod(path, dir_mode if path.is_dir() else file_mode)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -130,23 +147,34 @@ def read_metrics(exp: Path) -> dict[str, Any]:
 
 
 def update_metrics(exp: Path, stage: str, metrics: dict[str, Any]) -> None:
-    """Set `metrics.json[stage]`, keeping the other stages' entries."""
-    current = read_metrics(exp)
-    current[stage] = metrics
-    write_json(Layout(exp).metrics, current)
+    """Set `metrics.json[stage]`, keeping the other stages' entries (a locked read-modify-write: parallel fold
+    jobs finish at any time)."""
+    with locks.shared_files(exp):
+        current = read_metrics(exp)
+        current[stage] = metrics
+        write_json(Layout(exp).metrics, current)
 
 
 def drop_metrics(exp: Path, stage: str) -> None:
     """Remove a stage's entry whose results no longer exist (e.g. predict after the stacker was refitted)."""
-    current = read_metrics(exp)
-    if current.pop(stage, None) is not None:
-        write_json(Layout(exp).metrics, current)
+    with locks.shared_files(exp):
+        current = read_metrics(exp)
+        if current.pop(stage, None) is not None:
+            write_json(Layout(exp).metrics, current)
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh folder beside `target` to write a unit of results into, private to this process."""
+    staging = target.parent / f".{target.name}.{os.getpid()}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
 
 
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written folder into place: the old one is renamed aside first and removed after, so a kill
     leaves either the old or the new folder under `target`, never a mix."""
-    old = target.parent / f".{target.name}.old"
+    old = target.parent / f".{target.name}.{os.getpid()}.old"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
@@ -212,17 +240,50 @@ def mark_done(folder: Path, state: dict[str, Any]) -> None:
     write_json(folder / STATE_FILE, {DONE: True, **state})
 
 
-def check_state(folder: Path, expected: dict[str, Any], how_to_fix: str) -> bool:
+# Setup keys added after experiments already existed: a state made before them is not checked on that key.
+ADDED_LATER = ("base_model",)
+
+
+def changed_setup(state: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """The setup keys whose recorded value differs from `expected`."""
+    return [k for k, v in expected.items() if state.get(k) != v and not (k in ADDED_LATER and k not in state)]
+
+
+def describe_changes(state: dict[str, Any], expected: dict[str, Any], settings: dict[str, Any] | None) -> str:
+    """`key: old -> new` for each changed key; a changed settings hash is told as the dotted settings that differ
+    when the state recorded them."""
+    parts = []
+    for key in changed_setup(state, expected):
+        if key == "config_hash" and settings is not None and isinstance(state.get("settings"), dict):
+            parts += [f"{name}: {old!r} -> {new!r}" for name, old, new in differing_values(state["settings"],
+                                                                                          settings)]
+        else:
+            parts.append(f"{key}: {state.get(key)!r} -> {expected[key]!r}")
+    return ", ".join(parts)
+
+
+def differing_values(recorded: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded, current) for every leaf that differs between two nested settings dicts."""
+    out = []
+    for key in sorted(set(recorded) | set(current), key=str):
+        a, b = recorded.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differing_values(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def check_state(folder: Path, expected: dict[str, Any], how_to_fix: str, settings: dict | None = None) -> bool:
     """True when `folder` is finished; False when it is absent or unfinished. Raises when it was finished with a
     different setup than `expected` (mixing them would silently corrupt results). An unfinished folder never
     blocks: a run that crashed on a bad setting must not stop the corrected one."""
     state = read_state(folder)
     if not state or not state.get(DONE):
         return False
-    changed = [k for k, v in expected.items() if state.get(k) != v]
-    if changed:
-        details = ", ".join(f"{k}: {state.get(k)!r} -> {expected[k]!r}" for k in changed)
-        raise UserError(f"{folder} was made with a different setup ({details}); {how_to_fix}")
+    if changed_setup(state, expected):
+        raise UserError(f"{folder} was made with a different setup ({describe_changes(state, expected, settings)}); "
+                        f"{how_to_fix}")
     return True
 
 

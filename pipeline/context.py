@@ -12,13 +12,16 @@ from omegaconf import DictConfig
 
 from pipeline import artifacts, folds, inputs
 from pipeline.data import PairData, load_pairs
+from pipeline.errors import UserError
 from pipeline.layout import Layout
 
 
 @dataclass
 class RunContext:
     cfg: DictConfig
-    layout: Layout
+    layout: Layout  # the experiment: folds, adapters, features, stacker (read; written unless `out` differs)
+    out: Layout     # where this run writes its own results: the experiment, a multirun job's folder, or
+                    # paths.predict_dir for stage=predict on a read-only experiment
     train_path: Path
     test_path: Path | None
     train: PairData
@@ -81,14 +84,17 @@ def read_pairs(path: Path, with_labels: bool) -> PairData:
     return _PARSED[with_labels][1]
 
 
-def open_run(cfg: DictConfig, stage: str, manifest_folder: Path | None = None) -> RunContext:
+def open_run(cfg: DictConfig, stage: str, out_root: Path | None = None) -> RunContext:
     """Resolve and read data.train / data.test once, create or check the folds, record how the stage is run (in
-    `manifest_folder`/manifests/, the experiment folder unless a multirun job has its own)."""
+    `out_root`/manifests/: the experiment folder unless a multirun job or stage=predict writes elsewhere)."""
     layout = Layout.of(cfg)
-    artifacts.exp_dir(cfg)  # created by rank 0, its dead writers' temp files removed
+    out = Layout(out_root) if out_root is not None else layout
+    if out.root != layout.root and not layout.root.is_dir():
+        raise UserError(f"{layout.root} is not an experiment folder (not found); check paths.output_dir and exp_name")
+    artifacts.exp_dir(cfg, writable=out.root == layout.root)  # its dead writers' temp files removed
     paths = inputs.data_paths(cfg)
     train = read_pairs(paths.train, with_labels=True)
     test = read_pairs(paths.test, with_labels=False) if paths.test is not None else None
     fold_of = folds.load_or_create(layout.root, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
-    artifacts.write_manifest(manifest_folder or layout.root, cfg, stage)
-    return RunContext(cfg, layout, paths.train, paths.test, train, test, fold_of["fold"].to_numpy())
+    artifacts.write_manifest(out.root, cfg, stage)
+    return RunContext(cfg, layout, out, paths.train, paths.test, train, test, fold_of["fold"].to_numpy())

@@ -105,12 +105,17 @@ def parse_turns(cell: Any) -> tuple[list[str], list[str]]:
 
 
 def parse_label(row_id: str, values: dict[str, Any], source: str) -> tuple[int, bool]:
-    """Label index from the three winner columns (accepts 1, "1", 1.0, "1.0", True); names the id on error."""
+    """Label index from the three winner columns (accepts 1, "1", 1.0, "1.0", True / "true", as parquet and
+    spreadsheets write them); names the id on error."""
     parsed = []
     repaired = False
     for column in LABEL_COLUMNS:
         raw = values[column]
         text = str(raw).strip()
+        if isinstance(raw, (bool, np.bool_)) or text.lower() in ("true", "false"):
+            parsed.append(int(text.lower() == "true"))
+            repaired = True
+            continue
         try:
             number = float(text)
         except ValueError:
@@ -186,6 +191,8 @@ def parse_frame(raw: pd.DataFrame, source: str, with_labels: bool) -> PairData:
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV (UTF-8, BOM and CRLF tolerated) or parquet file with every cell as text or native value."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give the CSV or parquet file inside it")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     if path.suffix.lower() in (".parquet", ".pq"):
@@ -193,7 +200,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for a corrupt file
             raise UserError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
-    data = path.read_bytes()
+    data = decompress(path, path.read_bytes())
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -206,14 +213,50 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise UserError(f"{path}: malformed CSV ({str(exc).strip()})") from None
 
 
+def decompress(path: Path, data: bytes) -> bytes:
+    """A compressed CSV (gzip, bzip2, xz, or a zip holding one file), recognised by its first bytes whatever its
+    name; any other file as it is."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    try:
+        if data[:2] == b"\x1f\x8b":
+            return gzip.decompress(data)
+        if data[:3] == b"BZh":
+            return bz2.decompress(data)
+        if data[:6] == b"\xfd7zXZ\x00":
+            return lzma.decompress(data)
+        if data[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                names = [n for n in archive.namelist() if not n.endswith("/")]
+                if len(names) != 1:
+                    raise UserError(f"{path}: a zip archive must hold exactly one CSV file (holds {len(names)})")
+                return archive.read(names[0])
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile, ValueError) as exc:
+        raise UserError(f"{path}: a damaged compressed file ({exc})") from None
+    return data
+
+
 def load_pairs(path: str | Path, with_labels: bool) -> PairData:
     """Read and validate one train (with_labels) or test file."""
     return parse_frame(read_table(path), source=str(path), with_labels=with_labels)
 
 
-def label_matrix(labels: np.ndarray) -> np.ndarray:
-    """One-hot (n, 3) from label indices."""
-    return np.eye(3, dtype=np.float64)[labels]
+def pair_keys(frame: pd.DataFrame, swap: bool = False) -> np.ndarray:
+    """A content key per row: the prompt and both responses (all turns), responses in A/B order or swapped. Two
+    rows with equal keys are the same pair whatever their ids."""
+    first, second = ("response_b", "response_a") if swap else ("response_a", "response_b")
+    return np.asarray(["\x1e".join("\x1f".join(turns) for turns in cells)
+                       for cells in zip(frame["prompt"], frame[first], frame[second])], dtype=object)
+
+
+def shared_pairs(frame: pd.DataFrame, other: pd.DataFrame) -> list[str]:
+    """Ids of `frame` whose pair (prompt and responses, in either A/B order) is also a row of `other`."""
+    known = set(pair_keys(other))
+    keys, swapped = pair_keys(frame), pair_keys(frame, swap=True)
+    return [str(i) for i, key, mirror in zip(frame["id"], keys, swapped) if key in known or mirror in known]
 
 
 def swap_label(label: int) -> int:

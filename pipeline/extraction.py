@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from pipeline import artifacts, layout, setups
+from pipeline import artifacts, layout, locks, setups
 from pipeline.context import RunContext
 from pipeline.data import swap_probabilities
 from pipeline.errors import UserError
@@ -65,7 +65,13 @@ def is_current(fold_dir: Path, setup: dict) -> bool:
 def test_folder(ctx: RunContext, finetune_state: dict) -> Path:
     """The folder of the test file's features for this embed setup (and embed.test_adapters)."""
     setup = setups.test_setup(ctx.cfg, finetune_state)
-    return ctx.layout.test_folder(artifacts.file_fingerprint(ctx.test_path), artifacts.config_hash(setup))
+    names = artifacts.file_fingerprint(ctx.test_path), artifacts.config_hash(setup)
+    in_experiment = ctx.layout.test_folder(*names)
+    # The experiment's own test features when it has them (a stack multirun job reads them); a run writing
+    # elsewhere (stage=predict with paths.predict_dir) keeps new ones in its own folder.
+    if ctx.out.root == ctx.layout.root or in_experiment.exists():
+        return in_experiment
+    return ctx.out.test_folder(*names)
 
 
 @dataclass
@@ -266,23 +272,24 @@ def rows_in_order(table: artifacts.FeatureTable, ids: np.ndarray, path: Path) ->
 
 
 def finetune_fold_states(ctx: RunContext) -> list[dict]:
-    """Every fold's finetune state; refuses when a fold is not finished, or was trained on another train file or
-    with other model / formatting / fine-tune settings than this command line's (which would be recorded as what
-    made the features)."""
+    """Every fold's finetune state; refuses when a fold is not finished, or was trained on another train file,
+    other base weights, or with other model / formatting / fine-tune settings than this command line's. Every fold
+    is checked: folds trained as separate jobs (`finetune.folds=[k]`) may each have been run differently."""
     lay, cfg = ctx.layout, ctx.cfg
     states = [artifacts.read_state(lay.finetune_fold(k)) for k in range(ctx.n_folds)]
     missing = [k for k, s in enumerate(states) if not (s and s.get(layout.DONE))]
     if missing:
         raise UserError(f"finetune folds {missing} of {lay.root} are not finished; run stage=finetune first")
     expected = setups.finetune_setup(cfg)
-    if states[0].get("data") != expected["data"]:
-        raise UserError(f"data.train differs from the file the adapters of {lay.root} were trained on (content "
-                        f"{states[0].get('data')} vs {expected['data']}); use that file, or a new exp_name")
-    changed = [key for key in ("seed", "extra", "config_hash") if states[0].get(key) != expected[key]]
-    if changed:
-        raise UserError(f"the adapters of {lay.root} were trained with other settings ({', '.join(changed)} differ "
-                        "from this command line's model / finetune / data.extra / seed); drop those overrides, or "
-                        "use a new exp_name to train with them")
+    settings = setups.finetune_settings(cfg)
+    for k, state in enumerate(states):
+        if state.get("data") != expected["data"]:
+            raise UserError(f"data.train differs from the file fold {k}'s adapter of {lay.root} was trained on "
+                            f"(content {state.get('data')} vs {expected['data']}); use that file, or a new exp_name")
+        if artifacts.changed_setup(state, expected):
+            raise UserError(f"fold {k}'s adapter of {lay.root} was trained with other settings than this command "
+                            f"line's ({artifacts.describe_changes(state, expected, settings)}); drop those overrides, "
+                            f"or delete {lay.finetune_fold(k)} and run stage=finetune to retrain it")
     return states
 
 
@@ -302,6 +309,10 @@ def average_adapters(adapters: list[Path], target: Path) -> None:
         raise UserError("embed.test_adapters=averaged: DoRA adapters and per-module rank_pattern / alpha_pattern "
                         "cannot be averaged exactly; use embed.test_adapters=each")
     n = len(adapters)
+    from pipeline.modeling import check_safetensors
+
+    for adapter in adapters:
+        check_safetensors(adapter / "adapter_model.safetensors")
     states = [load_file(str(a / "adapter_model.safetensors")) for a in adapters]
     scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
     averaged = {}
@@ -314,21 +325,23 @@ def average_adapters(adapters: list[Path], target: Path) -> None:
         else:
             averaged[key] = torch.stack([s[key].float() for s in states]).mean(0).to(first.dtype).contiguous()
     rank = int(base["r"]) * n
-    staging = target.parent / f".{target.name}.new"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = artifacts.staging_dir(target)
     save_file(averaged, str(staging / "adapter_model.safetensors"))
     artifacts.write_json(staging / "adapter_config.json",
                          {**base, "r": rank, "lora_alpha": math.sqrt(rank) if base.get("use_rslora") else rank})
+    artifacts.apply_user_mode(staging)
     artifacts.replace_dir(staging, target)
 
 
 def averaged_adapter(ctx: RunContext, ft_states: list[dict]) -> Path:
-    """The fold adapters averaged into one (made once per fine-tune; rank 0 writes it, every rank reads it)."""
+    """The fold adapters averaged into one (made once per fine-tune; rank 0 writes it, every rank reads it). A
+    read-only experiment without it gets it in the run's own output folder."""
     lay = ctx.layout
-    target = lay.averaged_adapter
     made_from = {"finetune": ft_states[0]["config_hash"], "data": ft_states[0]["data"],
                  "adapters": [str(lay.adapter(k)) for k in range(ctx.n_folds)]}
+    if is_current(lay.averaged_adapter.parent, made_from):
+        return lay.averaged_adapter
+    target = ctx.out.averaged_adapter
     if ctx.is_main and not is_current(target.parent, made_from):
         average_adapters([lay.adapter(k) for k in range(ctx.n_folds)], target)
         artifacts.mark_done(target.parent, made_from)
@@ -365,7 +378,7 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
             if ctx.is_main:
                 artifacts.mark_started(lay.embed_fold(k), setup)
             held_out = np.flatnonzero(ctx.fold_of == k)
-            scored = score_rows(model, train_rows.take(held_out), settings, lay.shard_folder(f"fold_{k}"),
+            scored = score_rows(model, train_rows.take(held_out), settings, ctx.out.shard_folder(f"fold_{k}"),
                                 desc=f"embed fold {k}")
             if ctx.is_main:
                 write_train_fold(ctx, k, scored, setup, ft_states[k]["train_folds"], time.perf_counter() - start)
@@ -380,7 +393,7 @@ def write_test_pass(ctx: RunContext, folder: Path, k: int | None, model, rows: R
     """The test rows scored by fold k's adapter (or the averaged one, k=None), in test-file order; the `rank`
     column says which rank scored each row."""
     name = "averaged" if k is None else f"fold_{k}"
-    scored = score_rows(model, rows, settings, ctx.layout.shard_folder(f"test_{name}"), desc=f"{name} test")
+    scored = score_rows(model, rows, settings, ctx.out.shard_folder(f"test_{name}"), desc=f"{name} test")
     if not ctx.is_main:
         return
     artifacts.write_feature_table(layout.test_fold_features(folder, k),
@@ -440,7 +453,12 @@ def rank_counts(scalars: pd.DataFrame) -> dict[str, int]:
 
 def ensure_test_features(ctx: RunContext) -> Path:
     """The test file's feature table for this setup, extracting only the passes still missing (every rank takes
-    part; rank 0 writes)."""
+    part; rank 0 writes). The fold locks are held, so no fine-tune job is writing an adapter it reads."""
+    with locks.folds([ctx.layout.finetune_fold(k) for k in range(ctx.n_folds)], "stage=predict reading the adapters"):
+        return _ensure_test_features(ctx)
+
+
+def _ensure_test_features(ctx: RunContext) -> Path:
     ft_states = finetune_fold_states(ctx)
     setup = setups.embed_setup(ctx.cfg, ft_states[0])
     folder = test_folder(ctx, ft_states[0])

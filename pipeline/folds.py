@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline import artifacts
+from pipeline import artifacts, locks
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 
@@ -52,9 +53,42 @@ def group_keys(frame: pd.DataFrame, group_by: str) -> np.ndarray:
     return pd.factorize(frame[group_by].astype(str))[0]
 
 
+FOLD_SETTINGS_KEY = b"pipeline.folds"  # parquet metadata: the settings the folds were assigned with
+
+
+def write_folds(path: Path, folds: pd.DataFrame, settings: dict) -> None:
+    """folds.parquet (id, fold) with the settings that assigned them in its metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(folds, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           FOLD_SETTINGS_KEY: json.dumps(settings).encode()})
+    with artifacts.atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def recorded_settings(path: Path) -> dict | None:
+    """The settings folds.parquet was assigned with (None for files from before they were recorded)."""
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(FOLD_SETTINGS_KEY)
+        return json.loads(raw) if raw else None
+    except Exception:  # a damaged file is reported by the read that follows
+        return None
+
+
 def load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int, group_by: str = "prompt") -> pd.DataFrame:
-    """Return (id, fold) for `frame`, creating `folds.parquet` on first use and checking it afterwards."""
+    """Return (id, fold) for `frame`, creating `folds.parquet` on first use and checking it afterwards (under the
+    shared-files lock: parallel fold jobs must not assign folds twice)."""
+    with locks.shared_files(exp):
+        return _load_or_create(exp, frame, n_folds, seed, group_by)
+
+
+def _load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int, group_by: str) -> pd.DataFrame:
     path = Layout(exp).folds
+    settings = {"n_folds": int(n_folds), "seed": int(seed), "group_by": str(group_by)}
     if path.exists():
         folds = artifacts.read_parquet(path, "delete it: folds are re-assigned from cv.n_folds and seed, but every "
                                              "finished stage of this experiment then no longer matches")
@@ -66,9 +100,15 @@ def load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int, grou
                 f"{path} was made for other data or another cv.n_folds "
                 f"({len(folds)} rows, {folds['fold'].nunique()} folds; now {len(frame)} rows, {n_folds} folds); "
                 "use a new exp_name or delete the experiment folder")
+        recorded = recorded_settings(path)
+        changed = [f"{key}: {recorded[key]!r} -> {value!r}" for key, value in settings.items()
+                   if recorded is not None and recorded.get(key) != value]
+        if changed:
+            raise UserError(f"{path} was assigned with other settings ({', '.join(changed)}; seed, cv.n_folds and "
+                            "cv.group_by are fixed for an experiment); drop that override or use a new exp_name")
         return folds.set_index("id").loc[frame["id"]].reset_index()
     fold = assign_folds(frame["label"].to_numpy(), group_keys(frame, group_by), n_folds, seed)
     folds = pd.DataFrame({"id": frame["id"].astype(str).to_numpy(), "fold": fold})
     if artifacts.is_main_process():
-        artifacts.write_parquet(path, folds)
+        write_folds(path, folds, settings)
     return folds

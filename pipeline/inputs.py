@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline import demo_data
-from pipeline.data import PairData, load_pairs
+from pipeline.data import PairData, load_pairs, shared_pairs
 from pipeline.errors import UserError
 
 
@@ -30,7 +30,8 @@ def data_paths(cfg: DictConfig) -> DataPaths:
 
 def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:
     """`data.extra`: labelled rows that only ever join the fine-tune's training sets (never scored, never in a
-    CV metric). An id shared with data.train would blur that line, so it is refused."""
+    CV metric). A row of data.train among them (same id, or the same prompt and responses under another id, in
+    either A/B order) would be trained on by the adapter that scores it, so it is refused."""
     if cfg.data.extra is None:
         return None
     extra = load_pairs(Path(cfg.data.extra), with_labels=True)
@@ -38,5 +39,10 @@ def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:
     if shared:
         raise UserError(f"{cfg.data.extra}: {len(shared)} ids also in data.train (first {sorted(shared)[0]}); "
                         "extra rows must be other rows")
+    copies = shared_pairs(extra.frame, train.frame)
+    if copies:
+        raise UserError(f"{cfg.data.extra}: {len(copies)} rows are pairs of data.train under other ids (same prompt "
+                        f"and responses, in either A/B order; first ids {', '.join(copies[:3])}); remove them: they "
+                        "would leak into the out-of-fold scores")
     return extra
 

@@ -138,6 +138,7 @@ class FinetuneFoldRecord:
     fold: int
     train_folds: list[int]
     stats: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # what the setup's config_hash was made from
 
     def as_state(self, setup: dict) -> dict:
         return {**setup, **asdict(self)}

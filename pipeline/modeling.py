@@ -8,6 +8,9 @@ Every source ends as an HF folder, so all stages load the base model the same wa
 from __future__ import annotations
 
 import fnmatch
+import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -77,6 +80,7 @@ def _publish_dir(build, target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        artifacts.apply_user_mode(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process published it first
@@ -159,6 +163,47 @@ def base_model_dir(model_cfg: DictConfig, cache_dir: str | Path) -> Path | str:
     return _publish_dir(build, Path(target)) if build is not None else target
 
 
+# A fingerprint reads every small file whole and, of each large one, its size, its first MiB (a safetensors
+# file's header: tensor names, dtypes, shapes, offsets) and SAMPLES spread evenly over the rest. Hashing every byte
+# of a 16 GB model takes minutes at disk speed on every stage; the samples take milliseconds and catch re-saved
+# weights (a fine-tune or merge changes nearly every tensor). They miss an edit confined between two samples.
+WHOLE_FILE_BYTES = 64 << 20
+HEAD_BYTES = 1 << 20
+SAMPLES, SAMPLE_BYTES = 64, 64 << 10
+
+
+def base_model_fingerprint(source: Path | str) -> str:
+    """A fingerprint of the base model's files (weights, config, tokenizer): adapters trained on other weights
+    saved under the same model.path are refused. A hub id is resolved to its cached snapshot."""
+    folder = Path(str(source))
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception:  # not cached: the load itself will say so
+            return f"hub:{source}"
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(str(folder.resolve()), stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(folder: str, stats: tuple) -> str:
+    digest = hashlib.sha256()
+    for name, size, _ in stats:
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(Path(folder) / name, "rb") as handle:
+            if size <= WHOLE_FILE_BYTES:
+                digest.update(handle.read())
+                continue
+            digest.update(handle.read(HEAD_BYTES))
+            for i in range(SAMPLES + 1):
+                handle.seek(HEAD_BYTES + (size - HEAD_BYTES - SAMPLE_BYTES) * i // SAMPLES)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
 def load_tokenizer(source: Path | str, model_cfg: DictConfig):
     from transformers import AutoTokenizer
 
@@ -171,6 +216,58 @@ def load_tokenizer(source: Path | str, model_cfg: DictConfig):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ safe weights
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors end exactly at the end of the file (a truncated
+    copy is one `error:` line naming it, not a traceback from deep inside the loader)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError("header runs past the end")
+            header = json.loads(handle.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); copy it again or re-run the stage that wrote it") from None
+    if 8 + header_len + end != size:
+        raise UserError(f"{path} is damaged (holds {size} bytes, its header describes {8 + header_len + end}); copy "
+                        "it again or re-run the stage that wrote it")
+
+
+def check_weights_folder(folder: Path, weights: str, config_name: str) -> None:
+    """Weights are read only from safetensors (a pickle can run code when loaded); the config must parse and may
+    not name custom code the pipeline would have to run."""
+    config_path = folder / config_name
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{config_path} not found; {folder} is not a complete model folder") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{config_path} is damaged (not JSON)") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} is damaged (not a JSON object)")
+    if "auto_map" in config:
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") not in CONFIG_MAPPING:
+            raise UserError(f"{config_path} names custom code (auto_map {sorted(config['auto_map'])}) for an "
+                            f"architecture transformers does not know ({config.get('model_type')!r}); the pipeline "
+                            "never runs code from a model folder")
+    shards = sorted(folder.glob(weights))
+    if not shards:
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        found = f"only pickled weights ({', '.join(pickled)}), which can run code when loaded" if pickled else \
+            "no weights"
+        raise UserError(f"{folder} holds {found}; the pipeline loads safetensors only (re-save the model with "
+                        "save_pretrained(..., safe_serialization=True))")
+    for shard in shards:
+        check_safetensors(shard)
 
 
 # ---------------------------------------------------------------------------------------------------- classifier
@@ -196,8 +293,11 @@ def load_classifier(source: Path | str, model_cfg: DictConfig, tokenizer, dtype:
                   local_files_only=bool(model_cfg.local_files_only), pad_token_id=tokenizer.pad_token_id)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": on.index or 0})
+    if Path(str(source)).is_dir():
+        check_weights_folder(Path(str(source)), "*.safetensors", "config.json")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True,
+                                                                   trust_remote_code=False, **kwargs)
     except OSError as exc:
         raise UserError(f"model.path={source}: cannot load weights offline ({exc})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -240,6 +340,7 @@ def attach_adapter(model, adapter_dir: Path, name: str):
     already carries adapters the base stays loaded: folds swap adapters instead of reloading the base."""
     from peft import PeftModel
 
+    check_weights_folder(Path(adapter_dir), "adapter_model.safetensors", "adapter_config.json")
     if isinstance(model, PeftModel):
         previous = model.active_adapter
         model.load_adapter(str(adapter_dir), adapter_name=name)

@@ -17,12 +17,25 @@ def _learned(node: DictConfig, operational: tuple[str, ...]) -> dict:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in operational}
 
 
+def finetune_settings(cfg: DictConfig) -> dict:
+    """The model, formatting and fine-tune settings a fold's adapter depends on (hashed into its setup; recorded
+    beside it so a mismatch can be told key by key)."""
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "finetune": _learned(cfg.finetune, FINETUNE_OPERATIONAL), "cv_group_by": cfg.cv.group_by}
+
+
 def finetune_setup(cfg: DictConfig) -> dict:
     """What a finished fine-tune fold must agree with to be reused: seed, folds, train (and extra) file contents,
-    and the model, formatting and fine-tune settings."""
+    the base model's weights (a fingerprint, see modeling.base_model_fingerprint) and the model, formatting and
+    fine-tune settings."""
+    from pipeline import modeling
+
     return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
             "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train),
             "extra": artifacts.file_fingerprint(cfg.data.extra),
+            "base_model": modeling.base_model_fingerprint(modeling.base_model_dir(cfg.model,
+                                                                                  cfg.paths.model_cache_dir)),
+            # The hash input is kept as it always was, so finished experiments stay valid.
             "config_hash": artifacts.config_hash({"model": cfg.model,
                                                   "finetune": _learned(cfg.finetune, FINETUNE_OPERATIONAL),
                                                   "cv_group_by": cfg.cv.group_by})}

@@ -176,6 +176,65 @@ class Member:
         return make_pipeline(StandardScaler(), estimator) if self.standardize else estimator
 
 
+# Libraries whose classifiers a recorded stacker may name without the command line naming them too.
+TRUSTED_PACKAGES = ("sklearn", "lightgbm")
+
+
+def config_targets(tree) -> list[str]:
+    """Every `_target_` in a nested config (DictConfig or plain data)."""
+    if isinstance(tree, DictConfig):
+        tree = OmegaConf.to_container(tree, resolve=True)
+    if isinstance(tree, dict):
+        own = [str(tree["_target_"])] if "_target_" in tree else []
+        return own + [t for value in tree.values() for t in config_targets(value)]
+    if isinstance(tree, list):
+        return [t for value in tree for t in config_targets(value)]
+    return []
+
+
+def _hydra_keys(tree) -> list[str]:
+    if isinstance(tree, dict):
+        return [k for k in tree if str(k).startswith("_") and k != "_target_"] + \
+            [k for value in tree.values() for k in _hydra_keys(value)]
+    if isinstance(tree, list):
+        return [k for value in tree for k in _hydra_keys(value)]
+    return []
+
+
+def is_trusted_classifier(target: str) -> bool:
+    """A scikit-learn-compatible classifier class of a trusted package (importing a module of sklearn or lightgbm
+    runs no code from the experiment folder)."""
+    import importlib
+
+    from sklearn.base import ClassifierMixin
+
+    module_name, _, name = target.rpartition(".")
+    if module_name.split(".")[0] not in TRUSTED_PACKAGES or name.startswith("_"):
+        return False
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ClassifierMixin)
+
+
+def check_recorded_targets(recorded: dict, current: DictConfig, source: Path) -> None:
+    """Stage two's settings read back from an experiment folder name no code to run: each `_target_` is a
+    classifier of a trusted package or one the current config names itself, and no other Hydra key (`_args_`,
+    `_partial_`, ...) appears."""
+    allowed = set(config_targets(current))
+    bad = [t for t in config_targets(recorded) if t not in allowed and not is_trusted_classifier(t)]
+    if bad:
+        raise UserError(f"{source} names {bad[0]} as a stage-two estimator, which is neither a scikit-learn / "
+                        "LightGBM classifier nor in this command line's stack settings; the pipeline never runs "
+                        "code named by an experiment folder (name the class in stack.members on the command line "
+                        "if you trust it)")
+    special = _hydra_keys(recorded)
+    if special:
+        raise UserError(f"{source} holds {special[0]}, which the pipeline's stack settings never record; re-run "
+                        "stage=stack to rewrite it")
+
+
 def fit_symmetric(model, x: Design, y: np.ndarray, symmetric: bool):
     if symmetric:
         model.fit(np.concatenate([x.original, x.mirrored]), np.concatenate([y, [swap_label(v) for v in y]]))
@@ -316,6 +375,21 @@ def inner_splits(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) ->
                         "use more folds or another cv.group_by")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+def check_inner_splits(labels: np.ndarray, groups: np.ndarray, fold_of: np.ndarray, inner_folds: int,
+                       seed: int) -> None:
+    """Refuse, before any fine-tune, folds whose training sets stage two cannot split into inner folds (e.g.
+    cv.group_by=source with one source holding most rows)."""
+    for k in np.unique(fold_of):
+        train = fold_of != k
+        try:
+            inner_splits(labels[train], groups[train], inner_folds, seed)
+        except (UserError, ValueError) as exc:
+            raise UserError(f"stage two cannot choose anything for fold {int(k)}: its training set "
+                            f"({int(train.sum())} rows, {len(np.unique(groups[train]))} groups) cannot be split "
+                            f"into stack.inner_folds={inner_folds} inner folds ({exc}); lower stack.inner_folds, raise "
+                            "cv.n_folds or use another cv.group_by") from None
 
 
 @dataclass

@@ -79,8 +79,23 @@ def validate_stack(stack: DictConfig) -> None:
         raise UserError(f"stack.vectors.source={stack.vectors.source}: use finetuned or base")
 
 
+def validate_paths(cfg: DictConfig) -> None:
+    """exp_name names a folder inside paths.output_dir: never the output folder itself or a place outside it
+    (artifacts, and the cleanup of dead writers' temp files, stay inside the experiment)."""
+    name = cfg.exp_name
+    if not isinstance(name, str) or name.strip() in ("", ".", "..") or any(sep in name for sep in ("/", "\\")) \
+            or name != name.strip():
+        raise UserError(f"exp_name={name!r}: use a plain folder name (letters, digits, - _ .), no path separators, "
+                        "not . or ..")
+    output, exp = Path(cfg.paths.output_dir).resolve(), Path(cfg.paths.exp_dir).resolve()
+    if output not in exp.parents:
+        raise UserError(f"paths.exp_dir={cfg.paths.exp_dir} is not inside paths.output_dir={cfg.paths.output_dir}; "
+                        "set paths.output_dir to the folder holding the experiment and exp_name to its name")
+
+
 def validate(cfg: DictConfig) -> None:
     """The whole config a stage will run with."""
+    validate_paths(cfg)
     n_folds = _int(cfg.cv.n_folds, "cv.n_folds", 2)
     if not isinstance(cfg.cv.group_by, str) or not cfg.cv.group_by:
         raise UserError(f"cv.group_by={cfg.cv.group_by}: use prompt or the name of a column of the train file")

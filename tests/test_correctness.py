@@ -91,13 +91,16 @@ def test_artifacts_get_the_users_file_mode(tmp_path):
 
 
 def test_temp_files_of_killed_writers_are_cleaned_on_the_next_run(tmp_path):
-    dead = tmp_path / "stack" / ".oof.parquet.999999999.abc.tmp"
-    alive = tmp_path / f".metrics.json.{os.getpid()}.abc.tmp"
+    """Only the pipeline's own temp files of dead writers go: a live writer's stays, and so does a user's file
+    that merely looks like a temp file (`.notes.999999999.tmp`)."""
+    dead = tmp_path / "stack" / f".oof.parquet.999999999.abc{artifacts.TEMP_SUFFIX}"
+    alive = tmp_path / f".metrics.json.{os.getpid()}.abc{artifacts.TEMP_SUFFIX}"
+    users = tmp_path / ".notes.999999999.tmp"
     dead.parent.mkdir()
-    dead.write_text("half")
-    alive.write_text("being written")
+    for path in (dead, alive, users):
+        path.write_text("content")
     removed = artifacts.remove_stale_temp_files(tmp_path)
-    assert removed == [dead] and not dead.exists() and alive.exists()
+    assert removed == [dead] and not dead.exists() and alive.exists() and users.exists()
 
 
 @pytest.mark.parametrize("name, content, fragment", [

@@ -85,7 +85,7 @@ def test_config_change_is_reported_not_mixed(tiny_experiment):
     cfg, exp, _ = tiny_experiment
     changed = cfg.copy()
     changed.finetune.learning_rate = 0.123
-    with pytest.raises(UserError, match="fold_0 was made with a different setup .*config_hash"):
+    with pytest.raises(UserError, match=r"fold_0 was made with a different setup \(finetune.learning_rate: 0.0005 -> 0.123\)"):
         finetune.run(changed)
     reseeded = cfg.copy()
     reseeded.seed = cfg.seed + 1

@@ -50,9 +50,16 @@ def test_too_few_prompts():
 def test_persisted_once_and_checked(tmp_path):
     data = synthetic()
     first = load_or_create(tmp_path, data, 5, seed=0)
-    again = load_or_create(tmp_path, data, 5, seed=99)  # the stored assignment wins; seed is not re-applied
-    assert first.equals(again)
+    assert first.equals(load_or_create(tmp_path, data, 5, seed=0))
     assert list(pd.read_parquet(tmp_path / "folds.parquet").columns) == ["id", "fold"]
+    # Folds made with another seed or grouping are never reused silently ...
+    with pytest.raises(UserError, match=r"assigned with other settings \(seed: 0 -> 99"):
+        load_or_create(tmp_path, data, 5, seed=99)
+    with pytest.raises(UserError, match=r"group_by: 'prompt' -> 'source'"):
+        load_or_create(tmp_path, data.assign(source="x"), 5, seed=0, group_by="source")
+    # ... while a folds file from before the settings were recorded is still read.
+    first.to_parquet(tmp_path / "folds.parquet", index=False)
+    assert first.equals(load_or_create(tmp_path, data, 5, seed=99))
     with pytest.raises(UserError, match="other data or another cv.n_folds"):
         load_or_create(tmp_path, data, 4, seed=0)
     with pytest.raises(UserError, match="other data"):

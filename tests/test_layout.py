@@ -39,8 +39,9 @@ def test_fold_records_and_done_markers(tmp_path):
     assert state[layout.DONE] and state["scored_fold"] == 0 and state["adapter_train_folds"] == [1, 2]
     assert state["ranks"][0]["rows"] == 30
     assert extraction.is_current(folder, setup) and not extraction.is_current(folder, {**setup, "seed": 2})
-    ft = FinetuneFoldRecord(2, [0, 1], {"logloss": 1.0}).as_state(setup)
-    assert ft == {"seed": 1, "config_hash": "abc", "fold": 2, "train_folds": [0, 1], "stats": {"logloss": 1.0}}
+    ft = FinetuneFoldRecord(2, [0, 1], {"logloss": 1.0}, {"finetune": {"epochs": 1}}).as_state(setup)
+    assert ft == {"seed": 1, "config_hash": "abc", "fold": 2, "train_folds": [0, 1], "stats": {"logloss": 1.0},
+                  "settings": {"finetune": {"epochs": 1}}}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])

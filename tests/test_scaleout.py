@@ -109,7 +109,8 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
     # What a kill during fold 1 leaves: fold 1 started (state not done) with a stray temp file, fold 2 absent.
     artifacts.write_json(copy / "embed" / "fold_1" / "state.json",
                          {**artifacts.read_state(copy / "embed" / "fold_1"), "done": False})
-    (copy / "embed" / "fold_1" / ".train.parquet.x.tmp").write_bytes(b"half")
+    stray = copy / "embed" / "fold_1" / f".train.parquet.999999999.x{artifacts.TEMP_SUFFIX}"  # a dead writer's
+    stray.write_bytes(b"half")
     shutil.rmtree(copy / "embed" / "fold_2")
     (copy / "embed" / layout.TRAIN_FEATURES).unlink()
     fold_0_file = copy / "embed" / "fold_0" / "train.parquet"
@@ -120,6 +121,7 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
     embed.run(resumed)
     assert fold_0_file.stat().st_mtime_ns == mtime  # finished fold not redone
     assert artifacts.read_state(copy / "embed" / "fold_2")["done"]
+    assert not stray.exists()
     original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
     again = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     for name in original:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, modeling, validation
+from pipeline import artifacts, context, inputs, modeling, stacking, validation
 from pipeline.data import PairData
 from pipeline.formatting import MARKERS, segment_text, tokenizer_fn
 
@@ -56,9 +56,20 @@ def run(cfg: DictConfig) -> dict:
     # Folds are assigned here when they do not exist yet, which also checks cv.n_folds against the data.
     ctx = context.open_run(cfg, "check")
     train, test = ctx.train, ctx.test
+    # What later stages would refuse after a long fine-tune is refused now: stage two's inner splits of every
+    # training set, and extra rows that copy train rows.
+    stacking.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
+    extra = inputs.load_extra(cfg, train)
     tokenizer = cheap_tokenizer(cfg)
     metrics = {"train": summarise(train, tokenizer, cfg.model.max_length)}
     metrics["train"]["fold_sizes"] = np.bincount(ctx.fold_of, minlength=ctx.n_folds).astype(int).tolist()
+    if extra is not None:
+        metrics["extra"] = summarise(extra, tokenizer, cfg.model.max_length)
+    single = [name for name, n in metrics["train"]["label_counts"].items() if n == len(train.frame)]
+    if single:
+        log.warning("every one of the %d rows of %s is labelled %r: the model can only learn that prior",
+                    len(train.frame), train.source, single[0])
+        metrics["train"]["warnings"] = [f"every row is labelled {single[0]!r}"]
     if test is not None:
         metrics["test"] = summarise(test, tokenizer, cfg.model.max_length)
         overlap = set(train.frame["id"]) & set(test.frame["id"])

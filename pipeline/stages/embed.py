@@ -13,14 +13,20 @@ import logging
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, extraction, setups
+from pipeline import artifacts, context, extraction, locks, setups
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
     ctx = context.open_run(cfg, "embed")
-    lay = ctx.layout
+    # Every fold lock is held: no fine-tune job is writing an adapter or fold features this stage reads.
+    with locks.folds([ctx.layout.finetune_fold(k) for k in range(ctx.n_folds)], "stage=embed reading the adapters"):
+        return gather(ctx)
+
+
+def gather(ctx: context.RunContext) -> dict:
+    cfg, lay = ctx.cfg, ctx.layout
     ft_states = extraction.finetune_fold_states(ctx)
     setup = setups.embed_setup(cfg, ft_states[0])
     # Features are derived from the finished adapters: a fold made with other embed settings is simply redone.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, context, extraction, inputs, layout, modeling, setups
+from pipeline import artifacts, context, extraction, inputs, layout, locks, modeling, setups, stacking
 from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS, swap_label
 from pipeline.errors import UserError
@@ -220,85 +221,126 @@ def extra_training_rows(ctx: RunContext, tokenizer) -> list[dict]:
     return training_rows(encoded, swapped, extra.frame["label"].to_numpy(), np.arange(len(encoded)), swap)
 
 
-def run(cfg: DictConfig) -> dict:
+@dataclass
+class FinetuneRun:
+    """What every fold of one fine-tune run shares: the encoded rows, the setup folds are checked against, the
+    scoring-pass settings and where test features go."""
+
+    ctx: RunContext
+    source: Path | str
+    tokenizer: object
+    rows: extraction.Rows            # every train row; the swapped orientation when augmentation or TTA reads it
+    scoring_rows: extraction.Rows    # what the fold-end pass scores (the swapped rows only with swap TTA)
+    extra_rows: list[dict]
+    setup: dict
+    settings: dict                   # the settings behind setup["config_hash"], recorded to name a mismatch
+    embed_setup: dict
+    pass_settings: extraction.PassSettings
+    test_folder: Path | None         # with a test file and embed.test_adapters=each: scored at each fold's end
+    test_rows: extraction.Rows | None = None
+
+
+def setup(cfg: DictConfig) -> FinetuneRun:
     ctx = context.open_run(cfg, "finetune")
-    lay, frame, labels, fold_of = ctx.layout, ctx.train.frame, ctx.labels, ctx.fold_of
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
+    setup_ = setups.finetune_setup(cfg)
+    settings = setups.finetune_settings(cfg)
+    # Every finished fold must agree with this command line, not only the ones this job trains: folds trained as
+    # separate jobs are later read together, and one mistyped job must not be mixed in silently.
+    for k in range(ctx.n_folds):
+        artifacts.check_state(ctx.layout.finetune_fold(k), setup_, HOW_TO_FIX, settings)
+    stacking.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
     # One encoding of the train file; the swapped one only when augmentation or swap TTA reads it.
-    rows_all = extraction.Rows(encode_frame(tokenizer, frame, cfg.model), None)
+    rows = extraction.Rows(encode_frame(tokenizer, ctx.train.frame, cfg.model), None)
     if cfg.finetune.swap_augmentation or cfg.embed.swap_tta:
-        rows_all.swapped = encode_frame(tokenizer, frame, cfg.model, swap=True)
-    scoring_rows = rows_all if cfg.embed.swap_tta else extraction.Rows(rows_all.encoded, None)
-    extra_rows = extra_training_rows(ctx, tokenizer)
-    setup = setups.finetune_setup(cfg)
-    embed_setup = setups.embed_setup(cfg, setup)
-    settings = extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype)
-    # With a test file, each fold adapter scores it at the fold's end (unless test rows wait for the averaged
-    # adapter, which needs every fold).
+        rows.swapped = encode_frame(tokenizer, ctx.train.frame, cfg.model, swap=True)
     score_test = ctx.test is not None and cfg.embed.test_adapters == "each"
-    test_folder = extraction.test_folder(ctx, setup) if score_test else None
-    test_rows = None
+    return FinetuneRun(ctx, source, tokenizer, rows, rows if cfg.embed.swap_tta else extraction.Rows(rows.encoded, None),
+                       extra_training_rows(ctx, tokenizer), setup_, settings, setups.embed_setup(cfg, setup_),
+                       extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype),
+                       extraction.test_folder(ctx, setup_) if score_test else None)
 
-    for k in fold_list(cfg):
-        fold_dir = lay.finetune_fold(k)
-        if artifacts.check_state(fold_dir, setup, HOW_TO_FIX):
-            log.info("fold %d: done, skipped", k)
-            continue
-        started = artifacts.read_state(fold_dir)
-        if ctx.is_main and started and any(started.get(key) != v for key, v in setup.items()):
-            # Started with other settings (e.g. a crash on a bad one): its checkpoints are not this run's.
-            shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
-        if ctx.is_main:
-            artifacts.mark_started(fold_dir, setup)
-        train_index = np.flatnonzero(fold_of != k)
-        held_out = np.flatnonzero(fold_of == k)
-        rows = training_rows(rows_all.encoded, rows_all.swapped, labels, train_index,
-                             cfg.finetune.swap_augmentation) + extra_rows
-        model, stats = train_fold(ctx, k, source, tokenizer, rows)
-        if ctx.is_main:
-            model.save_pretrained(lay.adapter(k))
-        start = time.perf_counter()
-        # The held-out scoring pass is also the embed pass: head probabilities and vectors together, every rank
-        # scoring a share of the rows.
-        scored = extraction.score_rows(model, scoring_rows.take(held_out), settings,
-                                       lay.shard_folder(f"finetune_fold_{k}"), desc=f"fold {k}")
-        train_folds = sorted(int(f) for f in set(fold_of[train_index]))
-        if ctx.is_main:
-            probs = extraction.head_probabilities(scored.features)
-            artifacts.write_parquet(lay.fold_oof(k), pd.DataFrame(
-                {"id": ctx.ids[held_out], "fold": k, **dict(zip(LABEL_COLUMNS, probs.T))}))
-            stats["logloss"] = logloss(labels[held_out], probs)
-            artifacts.mark_done(fold_dir, FinetuneFoldRecord(k, train_folds, stats).as_state(setup))
-            extraction.write_train_fold(ctx, k, scored, embed_setup, train_folds, time.perf_counter() - start)
-        if test_folder is not None and not layout.test_fold_features(test_folder, k).exists():
-            if test_rows is None:
-                test_rows = extraction.encode_rows(tokenizer, ctx.test.frame, cfg)
-            extraction.write_test_pass(ctx, test_folder, k, model, test_rows, settings)
-        if ctx.is_main:
-            shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
-            log.info("fold %d: logloss %.4f, %.0f tokens/s", k, stats["logloss"], stats["tokens_per_s"])
-        del model
-        extraction.barrier()
 
-    if not ctx.is_main:
-        return {}
-    states = [artifacts.read_state(lay.finetune_fold(k)) for k in range(ctx.n_folds)]
-    pending = [k for k, state in enumerate(states) if not (state and state.get(layout.DONE))]
-    if pending:
-        log.info("finetune: folds %s still to train (finetune.folds=%s done)", pending, fold_list(cfg))
-        return {"pending_folds": pending}
-    oof = pd.concat([artifacts.read_parquet(lay.fold_oof(k), f"delete {lay.finetune_fold(k)} to retrain that fold")
-                     for k in range(ctx.n_folds)])
-    oof["id"] = oof["id"].astype(str)
-    oof = oof.set_index("id").loc[ctx.ids].reset_index()
-    artifacts.write_parquet(lay.finetune_oof, oof)
-    metrics = summarise(oof, labels, fold_of, states)
-    artifacts.update_metrics(lay.root, "finetune", metrics)
+def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
+    """Fold k: train its adapter (resuming a checkpoint of the same setup), then the held-out pass that gives its
+    OOF head probabilities and features (and the test rows' with a test file). Skipped when already done."""
+    ctx, cfg = run_.ctx, run_.ctx.cfg
+    lay, labels, fold_of = ctx.layout, ctx.labels, ctx.fold_of
+    fold_dir = lay.finetune_fold(k)
+    if artifacts.check_state(fold_dir, run_.setup, HOW_TO_FIX, run_.settings):
+        log.info("fold %d: done, skipped", k)
+        return
+    started = artifacts.read_state(fold_dir)
+    if ctx.is_main and started and artifacts.changed_setup(started, run_.setup):
+        # Started with other settings (e.g. a crash on a bad one): its checkpoints are not this run's.
+        shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
+    if ctx.is_main:
+        artifacts.mark_started(fold_dir, {**run_.setup, "settings": run_.settings})
+    train_index = np.flatnonzero(fold_of != k)
+    held_out = np.flatnonzero(fold_of == k)
+    rows = training_rows(run_.rows.encoded, run_.rows.swapped, labels, train_index,
+                         cfg.finetune.swap_augmentation) + run_.extra_rows
+    model, stats = train_fold(ctx, k, run_.source, run_.tokenizer, rows)
+    if ctx.is_main:
+        model.save_pretrained(lay.adapter(k))
+        artifacts.apply_user_mode(lay.adapter(k))
+    start = time.perf_counter()
+    # The held-out scoring pass is also the embed pass: head probabilities and vectors together, every rank
+    # scoring a share of the rows.
+    scored = extraction.score_rows(model, run_.scoring_rows.take(held_out), run_.pass_settings,
+                                   ctx.out.shard_folder(f"finetune_fold_{k}"), desc=f"fold {k}")
+    train_folds = sorted(int(f) for f in set(fold_of[train_index]))
+    if ctx.is_main:
+        probs = extraction.head_probabilities(scored.features)
+        artifacts.write_parquet(lay.fold_oof(k), pd.DataFrame(
+            {"id": ctx.ids[held_out], "fold": k, **dict(zip(LABEL_COLUMNS, probs.T))}))
+        stats["logloss"] = logloss(labels[held_out], probs)
+        artifacts.mark_done(fold_dir, FinetuneFoldRecord(k, train_folds, stats, run_.settings).as_state(run_.setup))
+        extraction.write_train_fold(ctx, k, scored, run_.embed_setup, train_folds, time.perf_counter() - start)
+    if run_.test_folder is not None and not layout.test_fold_features(run_.test_folder, k).exists():
+        if run_.test_rows is None:
+            run_.test_rows = extraction.encode_rows(run_.tokenizer, ctx.test.frame, cfg)
+        extraction.write_test_pass(ctx, run_.test_folder, k, model, run_.test_rows, run_.pass_settings)
+    if ctx.is_main:
+        shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
+        log.info("fold %d: logloss %.4f, %.0f tokens/s", k, stats["logloss"], stats["tokens_per_s"])
+
+
+def save(run_: FinetuneRun) -> dict:
+    """Once every fold is done (by this job or others): the OOF probabilities in train-file order and the
+    metrics, written under the shared-files lock (parallel fold jobs may finish together)."""
+    ctx = run_.ctx
+    lay = ctx.layout
+    with locks.shared_files(lay.root):
+        states = [artifacts.read_state(lay.finetune_fold(k)) for k in range(ctx.n_folds)]
+        pending = [k for k, state in enumerate(states) if not (state and state.get(layout.DONE))]
+        if pending:
+            log.info("finetune: folds %s still to train (finetune.folds=%s done)", pending, fold_list(ctx.cfg))
+            return {"pending_folds": pending}
+        for k in range(ctx.n_folds):  # a job of other settings may have finished a fold meanwhile
+            artifacts.check_state(lay.finetune_fold(k), run_.setup, HOW_TO_FIX, run_.settings)
+        oof = pd.concat([artifacts.read_parquet(lay.fold_oof(k), f"delete {lay.finetune_fold(k)} to retrain that "
+                                                                 "fold") for k in range(ctx.n_folds)])
+        oof["id"] = oof["id"].astype(str)
+        oof = oof.set_index("id").loc[ctx.ids].reset_index()
+        artifacts.write_parquet(lay.finetune_oof, oof)
+        metrics = summarise(oof, ctx.labels, ctx.fold_of, states)
+        artifacts.update_metrics(lay.root, "finetune", metrics)
     log.info("finetune: oof_logloss %.4f (class prior %.4f), accuracy %.3f, %.0f train tokens/s, padding waste %.3f",
              metrics["oof_logloss"], metrics["prior_logloss"], metrics["accuracy"], metrics["tokens_per_s"],
              metrics["padding_waste"])
     return metrics
+
+
+def run(cfg: DictConfig) -> dict:
+    run_ = setup(cfg)
+    for k in fold_list(cfg):
+        # The fold's lock: a parallel job on the same fold fails at once, one on another fold goes on.
+        with locks.fold(run_.ctx.layout.finetune_fold(k), k, f"stage=finetune fold {k}"):
+            train_and_score_fold(run_, k)
+        extraction.barrier()
+    return save(run_) if run_.ctx.is_main else {}
 
 
 def summarise(oof: pd.DataFrame, labels: np.ndarray, fold_of: np.ndarray, states: list[dict]) -> dict:

@@ -9,48 +9,59 @@ seed, train file); a differing key is an `error:`, never a silently different su
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import artifacts, context, extraction, layout, setups, stacking
 from pipeline.errors import UserError
 
-def differing_keys(recorded: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested settings dicts."""
-    keys = []
-    for key in sorted(set(recorded) | set(current)):
-        a, b = recorded.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += differing_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
-
 
 def recorded_config(cfg: DictConfig, lay: layout.Layout) -> DictConfig:
-    """The command line's config with the stacker's recorded settings, after checking the rest agrees."""
+    """The command line's config with the stacker's recorded settings, after checking the rest agrees. The
+    recorded settings are data: every `_target_` in them must be a classifier the pipeline allows (see
+    stacking.check_recorded_targets), so an edited model.json cannot name code to run."""
     model_file = lay.stack / layout.MODEL_FILE
     if not artifacts.read_state(lay.stack) or not model_file.exists():
         raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
-    saved = artifacts.read_json(model_file)
-    differ = differing_keys(saved["setup"], setups.stack_setup(cfg))
+    try:
+        saved = artifacts.read_json(model_file)
+        recorded_setup, recorded_stack = saved["setup"], saved["stack"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{model_file} is damaged; re-run stage=stack") from None
+    differ = [key for key, _, _ in artifacts.differing_values(recorded_setup, setups.stack_setup(cfg))]
     if differ:
         raise UserError(f"this command line differs from the settings the stacker of {lay.root} was trained with: "
                         f"{', '.join(differ)}; drop those overrides (or re-run stage=all)")
-    return OmegaConf.merge(cfg, {"stack": saved["stack"]})
+    stacking.check_recorded_targets(recorded_stack, cfg.stack, model_file)
+    return OmegaConf.merge(cfg, {"stack": recorded_stack})
+
+
+def output_root(cfg: DictConfig, lay: layout.Layout) -> Path:
+    """Where predict writes: paths.predict_dir when set, else the experiment, which must then be writable."""
+    if cfg.paths.predict_dir:
+        return Path(cfg.paths.predict_dir)
+    if not os.access(lay.root, os.W_OK):
+        raise UserError(f"{lay.root} is read-only; set paths.predict_dir=A_WRITABLE_FOLDER for the submission, the "
+                        "test features and the metrics")
+    return lay.root
 
 
 def run(cfg: DictConfig) -> dict:
     if cfg.data.test is None and cfg.data.train is not None:
         raise UserError("stage=predict needs a test file: add data.test=PATH")
-    cfg = recorded_config(cfg, layout.Layout.of(cfg))
-    ctx = context.open_run(cfg, "predict")
+    lay = layout.Layout.of(cfg)
+    cfg = recorded_config(cfg, lay)
+    ctx = context.open_run(cfg, "predict", out_root=output_root(cfg, lay))
     extraction.ensure_test_features(ctx)
     if not ctx.is_main:
         return {}
     result = stacking.score(ctx, with_test=True, baselines=False)
-    stacking.write_submission(ctx.layout.submission, result["_test_ids"], result["_test"])
-    metrics = {"n_rows": int(len(ctx.test.frame)), "test": str(ctx.test_path), "submission": str(ctx.layout.submission),
+    submission = ctx.out.submission
+    stacking.write_submission(submission, result["_test_ids"], result["_test"])
+    metrics = {"n_rows": int(len(ctx.test.frame)), "test": str(ctx.test_path), "submission": str(submission),
                "n_repaired": ctx.test.n_repaired, "test_adapters": cfg.embed.test_adapters}
-    artifacts.update_metrics(ctx.layout.root, "predict", metrics)
-    print(f"predict: {metrics['n_rows']} rows scored -> {ctx.layout.submission}")
+    artifacts.update_metrics(ctx.out.root, "predict", metrics)
+    print(f"predict: {metrics['n_rows']} rows scored -> {submission}")
     return metrics

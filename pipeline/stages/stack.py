@@ -9,7 +9,6 @@ LLM: missing test features are stage=embed's (or stage=predict's) job.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -36,14 +35,13 @@ def run(cfg: DictConfig) -> dict:
     lay = layout.Layout.of(cfg)
     out = results_dir(lay)
     single_run = out == lay.stack
-    ctx = context.open_run(cfg, "stack", manifest_folder=lay.root if single_run else out.parent)
+    ctx = context.open_run(cfg, "stack", out_root=out.parent)
     full = stacking.score(ctx, with_test=ctx.test is not None)
     metrics = {k: v for k, v in full.items() if not k.startswith("_")}
     metrics["results_dir"] = str(out)
     # The results are one unit: written into a fresh folder, then swapped in, so a kill never leaves old and new
     # models side by side, and a submission only ever sits beside the models that made it.
-    staging = out.parent / f".{out.name}.new"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = artifacts.staging_dir(out)  # private to this process: a parallel run never writes into it
     save(staging, cfg, full)
     report.write(staging, metrics, full["_labels"], full["_plots"], full["_fold_of"])
     artifacts.replace_dir(staging, out)
