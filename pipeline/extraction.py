@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from pipeline import artifacts, layout, locks, setups
 from pipeline.context import RunContext
 from pipeline.data import swap_probabilities
+from pipeline.features import VectorKey
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair
 from pipeline.inference import forward_pass, softmax
@@ -115,10 +116,10 @@ def _orient(vectors: dict[str, np.ndarray], orientation: str) -> dict[str, np.nd
     """Pass vectors keyed by slot -> keyed by response identity. In the swapped pass slot A holds response_b."""
     out = {}
     for key, matrix in vectors.items():
-        layer, span = key.rsplit("_", 1)
+        layer, span = key
         if orientation == "swp" and span in ("a", "b"):
             span = "b" if span == "a" else "a"
-        out[f"{layer}_{span}_{orientation}"] = matrix
+        out[str(VectorKey(layer, span, orientation))] = matrix
     return out
 
 
@@ -145,7 +146,8 @@ def pass_features(model, rows: Rows, settings: PassSettings, desc: str = "") -> 
         with model.disable_adapter():  # the same base weights without LoRA: does fine-tuning help the vectors?
             for orientation, encoded in orientations:
                 result = one_pass(encoded, f"base {orientation}")
-                out.update({f"base_{k}": v for k, v in _orient(result.vectors, orientation).items()})
+                out.update({str(replace(VectorKey.parse(k), base=True)): v
+                            for k, v in _orient(result.vectors, orientation).items()})
     return out
 
 

@@ -56,14 +56,52 @@ def rule_matrix(responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequ
     return np.array(rows, dtype=np.float64).reshape(-1, 4)
 
 
-def mirror_vector_key(key: str) -> str:
-    """The key holding the same vector for the A/B-swapped pair: response a <-> b and orientation fwd <-> swp (the
-    swapped pair's forward pass is this pair's swapped pass)."""
-    parts = key.split("_")
-    span, orientation = parts[-2], parts[-1]
-    span = {"a": "b", "b": "a"}.get(span, span)
-    orientation = {"fwd": "swp", "swp": "fwd"}[orientation]
-    return "_".join([*parts[:-2], span, orientation])
+SPANS = ("prompt", "a", "b", "verdict")    # what a pass pools (inference.forward_pass)
+ORIENTATIONS = ("fwd", "swp")               # prompt|A|B, and prompt|B|A with swap TTA
+BASE_PREFIX = "base_"                       # vectors of the base model with the adapter disabled
+
+
+@dataclass(frozen=True)
+class VectorKey:
+    """The name of one pooled-vector column, `[base_]{layer}_{span}_{orientation}` (e.g. `h050_a_fwd`), as one
+    type: parsed, formatted and mirrored here only. Parsing matches the span against the known spans, so layer and
+    span names may themselves contain `_`."""
+
+    layer: str
+    span: str
+    orientation: str
+    base: bool = False
+
+    @classmethod
+    def parse(cls, key: str, spans: Sequence[str] = SPANS) -> "VectorKey":
+        base = key.startswith(BASE_PREFIX)
+        rest = key[len(BASE_PREFIX):] if base else key
+        stem, _, orientation = rest.rpartition("_")
+        span = next((s for s in sorted(spans, key=len, reverse=True) if stem.endswith(f"_{s}")), None)
+        if orientation not in ORIENTATIONS or span is None or len(stem) <= len(span) + 1:
+            raise ValueError(f"{key!r} is not a vector column ([base_]LAYER_SPAN_ORIENTATION with a span of "
+                             f"{', '.join(spans)} and an orientation of {', '.join(ORIENTATIONS)})")
+        return cls(stem[: -len(span) - 1], span, orientation, base)
+
+    @classmethod
+    def is_vector(cls, key: str, spans: Sequence[str] = SPANS) -> bool:
+        try:
+            cls.parse(key, spans)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return f"{BASE_PREFIX if self.base else ''}{self.layer}_{self.span}_{self.orientation}"
+
+    def mirrored(self) -> "VectorKey":
+        """The key holding the same vector for the A/B-swapped pair: response a <-> b and orientation fwd <-> swp
+        (the swapped pair's forward pass is this pair's swapped pass)."""
+        return VectorKey(self.layer, {"a": "b", "b": "a"}.get(self.span, self.span),
+                         "swp" if self.orientation == "fwd" else "fwd", self.base)
+
+    def oriented(self, orientation: str) -> "VectorKey":
+        return VectorKey(self.layer, self.span, orientation, self.base)
 
 
 @dataclass
@@ -85,17 +123,17 @@ class PairInputs:
         vectors = None
         if self.vectors is not None:
             def mirrored(key: str) -> np.ndarray:
-                other = mirror_vector_key(key)
+                other = VectorKey.parse(key).mirrored()
                 # Without swap TTA there is no swapped pass: the one orientation stands in for both.
-                return self.vectors[other] if other in self.vectors else self.vectors[other.replace("_swp", "_fwd")]
+                return self.vectors.get(str(other), self.vectors.get(str(other.oriented("fwd"))))
             vectors = {key: mirrored(key) for key in self.vectors}
         return PairInputs(self.stats_b, self.stats_a, self.prompt_chars, mirror(self.head_other), mirror(self.head),
                           rules, vectors)
 
 
 def feature_frame(inputs: PairInputs) -> pd.DataFrame:
-    """Named columns of the text, head and rule parts that are set (the vector groups: vector_blocks,
-    similarity_frame)."""
+    """Named columns of the text and rule parts that are set (the head group: stacking's head frame; the vector
+    groups: vector_blocks, similarity_frame)."""
     columns: dict[str, np.ndarray] = {}
     if inputs.stats_a is not None:
         for j, name in enumerate(TEXT_STATS):
@@ -105,12 +143,6 @@ def feature_frame(inputs: PairInputs) -> pd.DataFrame:
             columns[f"diff_{name}"] = a - b
             columns[f"logratio_{name}"] = np.log1p(a) - np.log1p(b)
         columns["prompt_chars"] = inputs.prompt_chars
-    if inputs.head is not None:
-        both = (inputs.head + inputs.head_other) / 2
-        for j, name in enumerate(("a", "b", "tie")):
-            columns[f"head_{name}"] = inputs.head[:, j]
-            columns[f"head_other_{name}"] = inputs.head_other[:, j]
-            columns[f"head_mean_{name}"] = both[:, j]
     if inputs.rules is not None:
         for j, name in enumerate(RULES):
             columns[f"rule_{name}"] = inputs.rules[:, j]
@@ -124,10 +156,12 @@ def text_inputs(frame: pd.DataFrame) -> PairInputs:
                       rules=rule_matrix(frame["response_a"], frame["response_b"]))
 
 
-def _orientation_mean(vectors: dict[str, np.ndarray], stem: str, orientations: Sequence[str]) -> np.ndarray:
-    present = [vectors[f"{stem}_{o}"] for o in orientations if f"{stem}_{o}" in vectors]
+def _orientation_mean(vectors: dict[str, np.ndarray], layer: str, span: str, orientations: Sequence[str],
+                      prefix: str = "") -> np.ndarray:
+    keys = [str(VectorKey(layer, span, o, base=prefix == BASE_PREFIX)) for o in orientations]
+    present = [vectors[k] for k in keys if k in vectors]
     if not present:
-        raise KeyError(f"no vectors {stem}_{{{','.join(orientations)}}} in the embed features")
+        raise KeyError(f"no vectors {', '.join(keys)} in the embed features")
     return np.mean(present, axis=0)
 
 
@@ -145,7 +179,7 @@ def vector_blocks(vectors: dict[str, np.ndarray], layers: Sequence[str], kinds: 
         raise ValueError(f"unknown vector block(s) {unknown}; choose from {VECTOR_BLOCKS}")
     blocks = {}
     for layer in layers:
-        span = {name: (lambda name=name: _orientation_mean(vectors, f"{prefix}{layer}_{name}", orientations))
+        span = {name: (lambda name=name: _orientation_mean(vectors, layer, name, orientations, prefix))
                 for name in ("a", "b", "prompt", "verdict")}
         for kind in kinds:
             if kind == "diff":
@@ -153,8 +187,8 @@ def vector_blocks(vectors: dict[str, np.ndarray], layers: Sequence[str], kinds: 
             elif kind == "sum":
                 blocks[f"{layer}_sum"] = span["a"]() + span["b"]()
             elif kind == "verdict_diff":
-                blocks[f"{layer}_verdict_diff"] = (_orientation_mean(vectors, f"{prefix}{layer}_verdict", ["fwd"]) -
-                                                   _orientation_mean(vectors, f"{prefix}{layer}_verdict", ["swp"]))
+                blocks[f"{layer}_verdict_diff"] = (_orientation_mean(vectors, layer, "verdict", ["fwd"], prefix) -
+                                                   _orientation_mean(vectors, layer, "verdict", ["swp"], prefix))
             else:
                 blocks[f"{layer}_{kind}"] = span[kind]()
     return blocks
@@ -170,7 +204,7 @@ def similarity_frame(vectors: dict[str, np.ndarray], layers: Sequence[str], orie
     columns instead of hundreds)."""
     columns = {}
     for layer in layers:
-        a, b, p = (_orientation_mean(vectors, f"{prefix}{layer}_{s}", orientations) for s in ("a", "b", "prompt"))
+        a, b, p = (_orientation_mean(vectors, layer, s, orientations, prefix) for s in ("a", "b", "prompt"))
         cos_pa, cos_pb = _cosine(p, a), _cosine(p, b)
         norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
         columns.update({f"{layer}_cos_pa": cos_pa, f"{layer}_cos_pb": cos_pb, f"{layer}_cos_pa_minus_pb": cos_pa - cos_pb,

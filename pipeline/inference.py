@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.features import SPANS  # pooled per captured layer; verdict = the row's last token (sees all)
 from pipeline.formatting import EncodedPair
 
 
-SPANS = ("prompt", "a", "b", "verdict")  # pooled per captured layer; verdict = the row's last token (sees all)
 
 
 @dataclass
 class PassOutput:
     logits: np.ndarray                                               # (n, 3) float32
-    vectors: dict[str, np.ndarray] = field(default_factory=dict)     # "{layer}_{span}" -> (n, hidden) float32
+    vectors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (layer, span) -> (n, hidden) float32
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
@@ -78,10 +78,6 @@ def shift(span: tuple[int, int], offset: int) -> tuple[int, int]:
     return span[0] + offset, span[1] + offset
 
 
-def decoder_depth(model) -> int:
-    return len(backbone(model).layers)
-
-
 def backbone(model):
     return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
 
@@ -113,7 +109,7 @@ def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_token
     keep only the captured layers' outputs."""
     n = len(encoded)
     logits = np.zeros((n, 3), dtype=np.float32)
-    vectors: dict[str, np.ndarray] = {}
+    vectors: dict[tuple[str, str], np.ndarray] = {}
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for fraction in layers:
@@ -144,7 +140,7 @@ def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_token
             for name, hidden in captured.items():
                 pooled = torch.bmm(weights.to(hidden.device), hidden.float()).cpu().numpy()
                 for s, span in enumerate(SPANS):
-                    key = f"{name}_{span}"
+                    key = (name, span)
                     if key not in vectors:
                         vectors[key] = np.zeros((n, pooled.shape[-1]), dtype=np.float32)
                     vectors[key][batch] = pooled[:, s]

@@ -156,9 +156,5 @@ class EmbedFoldRecord:
     seconds: float
     ranks: list[dict[str, int]] = field(default_factory=list)
 
-    @property
-    def scored_fold(self) -> int:
-        return self.fold
-
     def as_state(self, setup: dict) -> dict:
         return {**setup, **asdict(self), "scored_fold": self.fold}

@@ -353,11 +353,6 @@ def attach_adapter(model, adapter_dir: Path, name: str):
     return model
 
 
-def autocast(on: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast where it applies; a no-op context for fp32."""
-    return torch.autocast(device_type=on.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def verdict_token_rows(model, tokenizer, source: Path | str, words: list[str]) -> torch.Tensor:
     """The LM's output-embedding rows of the verdict words' first tokens: h . row is the LM's own logit for that
     word after the verdict marker. Tied models (SmolLM2) share them with the input embeddings; untied ones keep

@@ -32,6 +32,25 @@ def fold_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def inner_table(metrics: dict) -> str:
+    """Each candidate's log loss on each fold's inner split (what the selection compared)."""
+    names = list(metrics["inner_losses"][0]) if metrics["inner_losses"] else []
+    lines = ["| fold | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    lines += [f"| {k} | " + " | ".join(f"{losses[n]:.4f}" for n in names) + " |"
+              for k, losses in enumerate(metrics["inner_losses"])]
+    return "\n".join(lines)
+
+
+def params_table(metrics: dict) -> str:
+    """The hyper-parameters chosen on each fold's inner split: one row per fold, one column per member."""
+    names = list(metrics["params"][0]) if metrics["params"] else []
+    lines = ["| fold | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for k, chosen in enumerate(metrics["params"]):
+        cells = [", ".join(f"{key}={value}" for key, value in chosen[name].items()) or "—" for name in names]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def reliability(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """One-vs-rest over the three classes, equal-count bins (every point stands for as many predictions): mean
     predicted probability and observed frequency per bin."""
@@ -52,10 +71,13 @@ def write(folder: Path, metrics: dict, labels: np.ndarray, predictions: dict[str
     losses = {"stacker": metrics["oof_logloss"], **metrics["baselines"],
               **{f"member {k}": v for k, v in metrics["members"].items()}}
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.barh(list(losses)[::-1], list(losses.values())[::-1])
-    ax.set_xlim(min(losses.values()) - 0.02, max(losses.values()) + 0.01)
+    bars = ax.barh(list(losses)[::-1], list(losses.values())[::-1])
+    ax.bar_label(bars, labels=[f"{v:.4f}" for v in list(losses.values())[::-1]], padding=3, fontsize=8)
+    ax.axvline(metrics["baselines"]["prior"], color="grey", linestyle="--", linewidth=1, label="class prior")
+    ax.set_xlim(0, max(losses.values()) * 1.15)
     ax.set_xlabel("OOF log loss (lower is better)")
     ax.set_title("Stacker, baselines and members on the same folds")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with artifacts.atomic_path(folder / "logloss.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -85,7 +107,7 @@ def write(folder: Path, metrics: dict, labels: np.ndarray, predictions: dict[str
             f"- vectors: {vectors['prefix'] or 'fine-tuned '}layers {vectors['layers']}, blocks {vectors['kinds']}, "
             f"orientations {vectors['orientations']}, PCA {features['pca_components']} per block",
             f"- folds grouped by {features['cv_group_by']}; fold sizes {np.bincount(fold_of).tolist()}",
-            f"- hyper-parameters chosen per fold: {metrics['params']}",
-            f"- inner-CV log loss per candidate and fold: {metrics['inner_losses']}", "",
+            "", "## Hyper-parameters chosen on each fold's inner split", "", params_table(metrics), "",
+            "## Inner-split log loss per candidate", "", inner_table(metrics), "",
             "![log loss](logloss.png)", "", "![reliability](reliability.png)", ""]
     artifacts.write_text(folder / layout.REPORT, "\n".join(text))

@@ -14,32 +14,29 @@ is A/B symmetric: trained on both orientations (labels swapped) and averaged wit
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from scipy.optimize import minimize
-from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from pipeline import artifacts, extraction, layout, setups
 from pipeline.context import RunContext
-from pipeline.data import LABEL_COLUMNS, swap_label, swap_probabilities
-from pipeline.errors import UserError
-from pipeline.features import PairInputs, feature_frame, similarity_frame, text_inputs, vector_blocks
+from pipeline.data import LABEL_COLUMNS
+from pipeline.errors import UserError, require_int, require_number
+from pipeline.features import (BASE_PREFIX, ORIENTATIONS, VECTOR_BLOCKS, PairInputs, VectorKey, feature_frame,
+                               similarity_frame, text_inputs, vector_blocks)
+from pipeline.members import GROUPS, Design, Member, MemberFit, member_from_config
 from pipeline.scoring import accuracy, fold_prior, logloss
 
 log = logging.getLogger(__name__)
-GROUPS = ("text", "rules", "head", "summary", "vectors")
 EPS = 1e-7
+BASELINE_MEMBERS = ("length", "linear")  # baselines fitted as members; stack.baselines says which member each is
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
@@ -49,43 +46,86 @@ def stacker_inputs(frame: pd.DataFrame, matrices: dict[str, np.ndarray]) -> Pair
     return replace(text_inputs(frame), head=matrices["head"], head_other=matrices["head_swapped"], vectors=vectors)
 
 
-def available_layers(matrices: dict[str, np.ndarray], prefix: str = "") -> list[str]:
-    return sorted({name[len(prefix):].split("_")[0] for name in matrices
-                   if name.startswith(prefix) and not name.startswith("head") and
-                   (prefix or not name.startswith("base_"))})
+def available_layers(matrices: dict[str, np.ndarray], base: bool = False) -> list[str]:
+    """The layers whose vectors a feature table holds (the base model's with `base`)."""
+    keys = [VectorKey.parse(name) for name in matrices if VectorKey.is_vector(name)]
+    return sorted({key.layer for key in keys if key.base == base})
 
 
-def vector_settings(stack_cfg: DictConfig, matrices: dict[str, np.ndarray]) -> dict:
-    """Which layers, blocks and orientations feed the vector groups; checked against what embed produced."""
-    v = stack_cfg.vectors
-    prefix = "base_" if v.source == "base" else ""
-    if v.source not in ("finetuned", "base"):
-        raise UserError(f"stack.vectors.source={v.source}: use finetuned or base")
-    present = available_layers(matrices, prefix)
-    if not present:
-        hint = "; run the embed stage with embed.base_vectors=true" if prefix else ""
-        raise UserError(f"the embed features hold no {v.source} vectors{hint}")
-    layers = present if v.layers in (None, "all") else list(v.layers)
-    missing = [layer for layer in layers if layer not in present]
-    if missing:
-        raise UserError(f"stack.vectors.layers={layers}: {missing} not in the embed features (have {present}); "
-                        "re-run stage=embed with those embed.layers")
-    return {"layers": layers, "kinds": list(v.kinds), "orientations": list(v.orientations), "prefix": prefix}
+@dataclass(frozen=True)
+class VectorRequest:
+    """What `stack.vectors` asks of the embed features: whose vectors, which layers, blocks and orientations."""
+
+    source: str                 # finetuned | base
+    layers: list[str] | None    # None: every captured layer
+    kinds: list[str]
+    orientations: list[str]
+    pca_components: int
+
+    def settings(self, matrices: dict[str, np.ndarray]) -> dict:
+        """The layers, blocks and orientations that feed the vector groups, checked against what embed made."""
+        base = self.source == "base"
+        present = available_layers(matrices, base)
+        if not present:
+            hint = "; run the embed stage with embed.base_vectors=true" if base else ""
+            raise UserError(f"the embed features hold no {self.source} vectors{hint}")
+        layers = present if self.layers is None else list(self.layers)
+        missing = [layer for layer in layers if layer not in present]
+        if missing:
+            raise UserError(f"stack.vectors.layers={layers}: {missing} not in the embed features (have {present}); "
+                            "re-run stage=embed with those embed.layers")
+        return {"layers": layers, "kinds": list(self.kinds), "orientations": list(self.orientations),
+                "prefix": BASE_PREFIX if base else ""}
+
+
+@dataclass
+class StackSpec:
+    """Stage two's settings as one typed object, built and checked once from `stack` (every member's estimator
+    instantiated, so a bad `_target_` or grid fails at validation, before any model loads)."""
+
+    seed: int
+    inner_folds: int
+    symmetric: bool
+    select: bool
+    select_z: float
+    blend_l2: float
+    vectors: VectorRequest
+    members: list[Member]            # blended, in stack.blend_members order
+    baselines: dict[str, Member]     # length, linear: the members stack.baselines names
+
+    @classmethod
+    def from_config(cls, stack: DictConfig, seed: int) -> "StackSpec":
+        v = stack.vectors
+        bad = [k for k in v.kinds if k not in VECTOR_BLOCKS]
+        if bad:
+            raise UserError(f"stack.vectors.kinds: unknown {bad}; choose from {', '.join(VECTOR_BLOCKS)}")
+        bad = [o for o in v.orientations if o not in ORIENTATIONS]
+        if bad or not v.orientations:
+            raise UserError(f"stack.vectors.orientations={list(v.orientations)}: use fwd and/or swp")
+        if v.source not in ("finetuned", "base"):
+            raise UserError(f"stack.vectors.source={v.source}: use finetuned or base")
+        vectors = VectorRequest(str(v.source), None if v.layers in (None, "all") else list(v.layers), list(v.kinds),
+                                list(v.orientations), require_int(v.pca_components, "stack.vectors.pca_components", 0))
+        if not stack.blend_members:
+            raise UserError("stack.blend_members is empty: name at least one of stack.members")
+        named = {"stack.blend_members": list(stack.blend_members),
+                 "stack.baselines": [stack.baselines.get(k) for k in BASELINE_MEMBERS]}
+        for key, names in named.items():
+            missing = [n for n in names if n not in stack.members]
+            if missing:
+                raise UserError(f"{key} names {missing}, which stack.members does not define "
+                                f"(have {', '.join(stack.members)}); stack.baselines needs "
+                                f"{', '.join(BASELINE_MEMBERS)}")
+        members = {n: member_from_config(n, stack.members[n]) for n in {*named["stack.blend_members"],
+                                                                        *named["stack.baselines"]}}
+        return cls(int(require_int(seed, "seed", 0)), require_int(stack.inner_folds, "stack.inner_folds", 2),
+                   bool(stack.symmetric), bool(stack.select), require_number(stack.select_z, "stack.select_z", 0.0),
+                   require_number(stack.blend_l2, "stack.blend_l2", 0.0), vectors,
+                   [members[n] for n in stack.blend_members],
+                   {k: members[stack.baselines[k]] for k in BASELINE_MEMBERS})
 
 
 # --------------------------------------------------------------------------------------------------- designs
-@dataclass
-class Design:
-    """A member's feature matrix for some rows in both orientations (the mirror is the A/B-swapped pair)."""
-
-    original: np.ndarray
-    mirrored: np.ndarray
-    columns: list[str]
-
-    def rows(self, index: np.ndarray) -> "Design":
-        return Design(self.original[index], self.mirrored[index], self.columns)
-
-
 def _head_frame(pair: PairInputs) -> pd.DataFrame:
     both = (pair.head + pair.head_other) / 2
     columns = {}
@@ -140,40 +180,6 @@ def design(pair: PairInputs, groups: list[str], vectors: dict, reducers: dict[st
 
     original = build(pair)
     return Design(original.to_numpy(np.float64), build(pair.swapped()).to_numpy(np.float64), list(original.columns))
-
-
-# --------------------------------------------------------------------------------------------------- members
-@dataclass
-class Member:
-    """A level-1 model: a feature-group list and a classifier (None = the head's own probabilities)."""
-
-    name: str
-    groups: list[str]
-    estimator: DictConfig | None
-    search: dict[str, list]
-    standardize: bool
-
-    @classmethod
-    def from_config(cls, name: str, node: DictConfig) -> "Member":
-        groups = list(node.groups)
-        unknown = [g for g in groups if g not in GROUPS]
-        if unknown:
-            raise UserError(f"stack.members.{name}.groups: unknown {unknown}; choose from {', '.join(GROUPS)}")
-        if node.estimator is None and groups != ["head"]:
-            raise UserError(f"stack.members.{name}: estimator null (pass-through) works only for groups [head]")
-        search = OmegaConf.to_container(node.search, resolve=True) if node.get("search") else {}
-        return cls(name, groups, node.estimator, search, bool(node.get("standardize", False)))
-
-    def grid(self) -> list[dict]:
-        keys = list(self.search)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.search[k] for k in keys))] or [{}]
-
-    def build(self, params: dict, seed: int):
-        estimator = instantiate(self.estimator, _convert_="all")
-        if "random_state" in estimator.get_params():
-            estimator.set_params(random_state=seed)
-        estimator = clone(estimator).set_params(**params)
-        return make_pipeline(StandardScaler(), estimator) if self.standardize else estimator
 
 
 # Libraries whose classifiers a recorded stacker may name without the command line naming them too.
@@ -235,79 +241,8 @@ def check_recorded_targets(recorded: dict, current: DictConfig, source: Path) ->
                         "stage=stack to rewrite it")
 
 
-def fit_symmetric(model, x: Design, y: np.ndarray, symmetric: bool):
-    if symmetric:
-        model.fit(np.concatenate([x.original, x.mirrored]), np.concatenate([y, [swap_label(v) for v in y]]))
-    else:
-        model.fit(x.original, y)
-    return model
-
-
-def predict_symmetric(model, x: Design, symmetric: bool, **predict_params) -> np.ndarray:
-    probs = _three_columns(model, model.predict_proba(x.original, **predict_params))
-    if symmetric:
-        probs = (probs + swap_probabilities(_three_columns(model, model.predict_proba(x.mirrored,
-                                                                                    **predict_params)))) / 2
-    return probs
-
-
-def _three_columns(model, probs: np.ndarray) -> np.ndarray:
-    """predict_proba columns follow model.classes_; a training set missing a class still gives 3 columns."""
-    out = np.zeros((len(probs), 3))
-    out[:, np.asarray(model.classes_, dtype=int)] = probs
-    return out
-
-
 def head_prediction(pair: PairInputs) -> np.ndarray:
     return (pair.head + pair.head_other) / 2
-
-
-@dataclass
-class MemberFit:
-    inner_oof: np.ndarray       # predictions for the training rows, each from a model that did not see it
-    inner_loss: float
-    params: dict
-    model: object | None        # refitted on all training rows (None for the pass-through head)
-
-
-def _inner_predictions(member: Member, x: Design, y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
-                       symmetric: bool, seed: int):
-    """(params, inner OOF predictions) for every grid point. A LightGBM member searched over n_estimators alone is
-    fitted once per inner split at the largest count and read at each count (the same trees, 1/len(grid) the
-    work)."""
-    staged = list(member.search) == ["n_estimators"] and \
-        str(member.estimator.get("_target_", "")).endswith("LGBMClassifier")
-    if not staged:
-        for params in member.grid():
-            oof = np.zeros((len(y), 3))
-            for inner_train, inner_valid in inner:
-                model = fit_symmetric(member.build(params, seed), x.rows(inner_train), y[inner_train], symmetric)
-                oof[inner_valid] = predict_symmetric(model, x.rows(inner_valid), symmetric)
-            yield params, oof
-        return
-    counts = sorted(member.search["n_estimators"])
-    oofs = {n: np.zeros((len(y), 3)) for n in counts}
-    for inner_train, inner_valid in inner:
-        model = fit_symmetric(member.build({"n_estimators": counts[-1]}, seed), x.rows(inner_train),
-                              y[inner_train], symmetric)
-        for n in counts:
-            oofs[n][inner_valid] = predict_symmetric(model, x.rows(inner_valid), symmetric, num_iteration=n)
-    for n in counts:
-        yield {"n_estimators": n}, oofs[n]
-
-
-def fit_member(member: Member, x: Design | None, y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
-               head: np.ndarray, symmetric: bool, seed: int) -> MemberFit:
-    """Choose the member's hyper-parameters on the inner split, then refit it on every training row."""
-    if member.estimator is None:
-        return MemberFit(head, logloss(y, head), {}, None)
-    best: MemberFit | None = None
-    for params, oof in _inner_predictions(member, x, y, inner, symmetric, seed):
-        loss = logloss(y, oof)
-        if best is None or loss < best.inner_loss:
-            best = MemberFit(oof, loss, params, None)
-    best.model = fit_symmetric(member.build(best.params, seed), x, y, symmetric)
-    return best
 
 
 # ---------------------------------------------------------------------------------------------------- blender
@@ -393,6 +328,20 @@ def check_inner_splits(labels: np.ndarray, groups: np.ndarray, fold_of: np.ndarr
 
 
 @dataclass
+class StackData:
+    """What stage two is fitted on: the inputs of every train row, labels, the experiment's folds, the group of
+    each row (inner splits keep groups together), the vector settings, and optionally the test rows' inputs."""
+
+    pair: PairInputs
+    labels: np.ndarray
+    fold_of: np.ndarray
+    groups: np.ndarray
+    vectors: dict
+    test: PairInputs | None = None
+    group_by: str = "prompt"
+
+
+@dataclass
 class FoldResult:
     probs: np.ndarray                 # the chosen candidate's predictions on the scored rows
     test_probs: np.ndarray | None
@@ -401,43 +350,38 @@ class FoldResult:
     blend: dict
     member_probs: dict[str, np.ndarray]
     member_test: dict[str, np.ndarray]
-    params: dict[str, dict]
-    models: dict[str, object]
+    fits: dict[str, MemberFit]
 
 
-def fit_fold(pair: PairInputs, y: np.ndarray, train: np.ndarray, valid: np.ndarray, groups: np.ndarray,
-             stack_cfg: DictConfig, members: list[Member], vectors: dict, seed: int,
-             test: PairInputs | None = None) -> FoldResult:
-    """Stage two for one outer fold: fit on `train` rows only, predict `valid` rows (and the test rows)."""
+def fit_fold(data: StackData, spec: StackSpec, members: list[Member], k: int) -> FoldResult:
+    """Stage two for outer fold k: fit on the other folds' rows only, predict fold k's rows (and the test rows)."""
+    pair, y, test = data.pair, data.labels, data.test
+    train, valid = np.flatnonzero(data.fold_of != k), np.flatnonzero(data.fold_of == k)
     uses_vectors = any(g == "vectors" for m in members for g in m.groups)
-    reducers = fit_reducers(pair, train, vectors, int(stack_cfg.vectors.pca_components), seed) if uses_vectors \
+    reducers = fit_reducers(pair, train, data.vectors, spec.vectors.pca_components, spec.seed) if uses_vectors \
         else {}
-    inner = inner_splits(y[train], groups[train], int(stack_cfg.inner_folds), seed)
+    inner = inner_splits(y[train], data.groups[train], spec.inner_folds, spec.seed)
     head_all = head_prediction(pair)
-    fits, member_probs, member_test, params, models = {}, {}, {}, {}, {}
+    head_test = head_prediction(test) if test is not None else None
+    fits, member_probs, member_test = {}, {}, {}
     for member in members:
-        x = design(pair, member.groups, vectors, reducers) if member.estimator is not None else None
-        fit = fit_member(member, None if x is None else x.rows(train), y[train], inner, head_all[train],
-                         bool(stack_cfg.symmetric), seed)
-        fits[member.name], params[member.name], models[member.name] = fit, fit.params, fit.model
-        if fit.model is None:
-            member_probs[member.name] = head_all[valid]
-            if test is not None:
-                member_test[member.name] = head_prediction(test)
-        else:
-            member_probs[member.name] = predict_symmetric(fit.model, x.rows(valid), bool(stack_cfg.symmetric))
-            if test is not None:
-                member_test[member.name] = predict_symmetric(fit.model, design(test, member.groups, vectors, reducers),
-                                                             bool(stack_cfg.symmetric))
+        x = design(pair, member.groups, data.vectors, reducers) if member.reads_design else None
+        fit = member.fit(None if x is None else x.rows(train), y[train], inner, head_all[train], spec.symmetric,
+                         spec.seed)
+        fits[member.name] = fit
+        member_probs[member.name] = member.predict(fit, None if x is None else x.rows(valid), head_all[valid],
+                                                   spec.symmetric)
+        if test is not None:
+            x_test = design(test, member.groups, data.vectors, reducers) if member.reads_design else None
+            member_test[member.name] = member.predict(fit, x_test, head_test, spec.symmetric)
     names = [m.name for m in members]
-    l2 = float(stack_cfg.blend_l2)
-    blend = fit_blend([fits[n].inner_oof for n in names], y[train], l2)
+    blend = fit_blend([fits[n].inner_oof for n in names], y[train], spec.blend_l2)
     inner_losses = {n: fits[n].inner_loss for n in names}
     if len(names) > 1:
-        blend_oof = blend_inner_oof([fits[n].inner_oof for n in names], y[train], inner, l2)
+        blend_oof = blend_inner_oof([fits[n].inner_oof for n in names], y[train], inner, spec.blend_l2)
         inner_losses["blend"] = logloss(y[train], blend_oof)
-        chosen = select_candidate(y[train], blend_oof, {n: fits[n].inner_oof for n in names},
-                                  float(stack_cfg.select_z)) if stack_cfg.select else "blend"
+        chosen = select_candidate(y[train], blend_oof, {n: fits[n].inner_oof for n in names}, spec.select_z) \
+            if spec.select else "blend"
     else:
         chosen = names[0]
     if chosen == "blend":
@@ -448,7 +392,7 @@ def fit_fold(pair: PairInputs, y: np.ndarray, train: np.ndarray, valid: np.ndarr
     return FoldResult(probs, test_probs, chosen, inner_losses,
                       {"weights": dict(zip(names, np.round(blend.weights, 4).tolist())),
                        "tie_bias": round(blend.tie_bias, 4)},
-                      member_probs, member_test, params, models)
+                      member_probs, member_test, fits)
 
 
 @dataclass
@@ -459,28 +403,19 @@ class CVResult:
     folds: list[FoldResult] = field(default_factory=list)
 
 
-def members_from_config(stack_cfg: DictConfig, names: list[str]) -> list[Member]:
-    missing = [n for n in names if n not in stack_cfg.members]
-    if missing:
-        raise UserError(f"stack.blend_members names {missing}, which stack.members does not define "
-                        f"(have {', '.join(stack_cfg.members)})")
-    return [Member.from_config(n, stack_cfg.members[n]) for n in names]
-
-
-def cross_validate(pair: PairInputs, y: np.ndarray, fold_of: np.ndarray, groups: np.ndarray, stack_cfg: DictConfig,
-                   members: list[Member], vectors: dict, seed: int, test: PairInputs | None = None) -> CVResult:
+def cross_validate(data: StackData, spec: StackSpec, members: list[Member]) -> CVResult:
     """Outer K-fold over the experiment's folds; see the module docstring."""
-    n_folds = int(fold_of.max()) + 1
+    y, fold_of = data.labels, data.fold_of
     oof = np.zeros((len(y), 3))
     member_oof = {m.name: np.zeros((len(y), 3)) for m in members}
     test_parts, results = [], []
-    for k in range(n_folds):
-        train, valid = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
-        result = fit_fold(pair, y, train, valid, groups, stack_cfg, members, vectors, seed, test)
+    for k in range(int(fold_of.max()) + 1):
+        result = fit_fold(data, spec, members, k)
+        valid = fold_of == k
         oof[valid] = result.probs
         for name, probs in result.member_probs.items():
             member_oof[name][valid] = probs
-        if test is not None:
+        if data.test is not None:
             test_parts.append(result.test_probs)
         results.append(result)
         log.info("stack fold %d: chose %s (inner %s)", k, result.chosen,
@@ -522,65 +457,86 @@ def test_features(ctx: RunContext) -> dict[str, np.ndarray]:
     return extraction.read_in_order(path, ctx.test.frame["id"].to_numpy())
 
 
-def score(ctx: RunContext, with_test: bool = False, baselines: bool = True) -> dict:
-    """Cross-validate stage two (and the baselines) on an experiment's features; returns metrics plus the arrays
-    the stack stage writes (keys `_...`). Deterministic for a given config: stage=predict refits with it."""
-    frame = ctx.train.frame
-    matrices = load_train_features(ctx)
-    test = ctx.test if with_test else None
-    test_pair = stacker_inputs(test.frame, test_features(ctx)) if test is not None else None
-    metrics = evaluate(stacker_inputs(frame, matrices), ctx.labels, ctx.fold_of, ctx.groups, ctx.cfg,
-                       vector_settings(ctx.cfg.stack, matrices), test_pair, baselines)
-    metrics["_frame"] = frame
-    metrics["_test_ids"] = None if test is None else test.frame["id"].to_numpy()
-    return metrics
+@dataclass
+class StackResult:
+    """Stage two's results on an experiment's folds: the stacker's OOF (and test) predictions, each member's OOF,
+    the baselines' OOF on the same folds, and per fold what was chosen and fitted."""
 
+    spec: StackSpec
+    data: StackData
+    cv: CVResult
+    baselines: dict[str, np.ndarray] | None  # prior, length, head, linear; None when not computed
 
-def evaluate(pair: PairInputs, labels: np.ndarray, fold_of: np.ndarray, groups: np.ndarray, cfg: DictConfig,
-             vectors: dict, test_pair: PairInputs | None = None, baselines: bool = True) -> dict:
-    """Stage two and the baselines (prior, length = the text member, head, linear) on the given folds."""
-    seed = int(cfg.seed)
-    n_folds = int(fold_of.max()) + 1
-    names = list(cfg.stack.blend_members)
-    stacker = cross_validate(pair, labels, fold_of, groups, cfg.stack, members_from_config(cfg.stack, names),
-                             vectors, seed, test_pair)
-    metrics = {"oof_logloss": logloss(labels, stacker.oof), "accuracy": accuracy(labels, stacker.oof),
-               "chosen": [f.chosen for f in stacker.folds], "_oof": stacker.oof, "_test": stacker.test}
-    if not baselines:
+    @property
+    def oof(self) -> np.ndarray:
+        return self.cv.oof
+
+    @property
+    def test(self) -> np.ndarray | None:
+        return self.cv.test
+
+    @property
+    def folds(self) -> list[FoldResult]:
+        return self.cv.folds
+
+    def per_fold(self, probs: np.ndarray) -> list[float]:
+        labels, fold_of = self.data.labels, self.data.fold_of
+        return [logloss(labels[fold_of == k], probs[fold_of == k]) for k in range(int(fold_of.max()) + 1)]
+
+    def metrics(self) -> dict:
+        """metrics.json's `stack` entry (README: the public contract)."""
+        labels, folds = self.data.labels, self.folds
+        metrics = {"oof_logloss": logloss(labels, self.oof), "accuracy": accuracy(labels, self.oof),
+                   "chosen": [f.chosen for f in folds]}
+        if self.baselines is None:
+            return metrics
+        members = self.spec.members
+        metrics.update({
+            "per_fold": self.per_fold(self.oof),
+            "inner_losses": [{n: round(v, 4) for n, v in f.inner_losses.items()} for f in folds],
+            "blend": [f.blend for f in folds],
+            "params": [{name: fit.params for name, fit in f.fits.items()} for f in folds],
+            "members": {name: logloss(labels, probs) for name, probs in self.cv.member_oof.items()},
+            "baselines": {name: logloss(labels, probs) for name, probs in self.baselines.items()},
+            "baseline_accuracy": {name: accuracy(labels, probs) for name, probs in self.baselines.items()},
+            "baseline_per_fold": {name: self.per_fold(probs) for name, probs in self.baselines.items()},
+            "features": {"blend_members": [m.name for m in members], "groups": {m.name: m.groups for m in members},
+                         "estimators": {m.name: m.describe() for m in members},
+                         "vectors": dict(self.data.vectors), "pca_components": self.spec.vectors.pca_components,
+                         "cv_group_by": self.data.group_by},
+        })
+        metrics["gain_over_best_baseline"] = min(metrics["baselines"][k] for k in ("prior", "length", "head")) - \
+            metrics["oof_logloss"]
         return metrics
-    member_oof = dict(stacker.member_oof)
-    for baseline in ("text", "linear"):
-        if baseline not in member_oof:
-            member_oof[baseline] = cross_validate(pair, labels, fold_of, groups, cfg.stack,
-                                                  members_from_config(cfg.stack, [baseline]), vectors, seed).oof
-    head = head_prediction(pair)
-    reference = {"prior": fold_prior(labels, fold_of), "length": member_oof["text"], "head": head,
-                 "linear": member_oof["linear"]}
 
-    def per_fold(probs: np.ndarray) -> list[float]:
-        return [logloss(labels[fold_of == k], probs[fold_of == k]) for k in range(n_folds)]
+    def plots(self) -> dict[str, np.ndarray]:
+        """The OOF predictions the report's reliability diagram shows."""
+        return {"stacker": self.oof, **{k: self.baselines[k] for k in ("head", "length", "linear")}}
 
-    metrics.update({
-        "per_fold": per_fold(stacker.oof),
-        "inner_losses": [{n: round(v, 4) for n, v in f.inner_losses.items()} for f in stacker.folds],
-        "blend": [f.blend for f in stacker.folds],
-        "params": [f.params for f in stacker.folds],
-        "members": {name: logloss(labels, probs) for name, probs in stacker.member_oof.items()},
-        "baselines": {name: logloss(labels, probs) for name, probs in reference.items()},
-        "baseline_accuracy": {name: accuracy(labels, probs) for name, probs in reference.items()},
-        "baseline_per_fold": {name: per_fold(probs) for name, probs in reference.items()},
-        "features": {"blend_members": names, "groups": {m: list(cfg.stack.members[m].groups) for m in names},
-                     "estimators": {m: (cfg.stack.members[m].estimator or {}).get("_target_", "head (pass-through)")
-                                    for m in names},
-                     "vectors": dict(vectors), "pca_components": int(cfg.stack.vectors.pca_components),
-                     "cv_group_by": cfg.cv.group_by},
-    })
-    metrics["gain_over_best_baseline"] = min(metrics["baselines"][k] for k in ("prior", "length", "head")) - \
-        metrics["oof_logloss"]
-    metrics["_plots"] = {"stacker": stacker.oof, "head": head, "length": member_oof["text"],
-                         "linear": member_oof["linear"]}
-    metrics["_fold_of"], metrics["_labels"], metrics["_folds"] = fold_of, labels, stacker.folds
-    return metrics
+
+def evaluate(data: StackData, spec: StackSpec, baselines: bool = True) -> StackResult:
+    """Stage two and, with `baselines`, the baselines on the same folds: the class prior, the head alone, and the
+    members the spec names as `length` and `linear` (each cross-validated alone unless it is blended anyway)."""
+    stacker = cross_validate(data, spec, spec.members)
+    if not baselines:
+        return StackResult(spec, data, stacker, None)
+    reference = {"prior": fold_prior(data.labels, data.fold_of)}
+    for name, member in spec.baselines.items():
+        reference[name] = stacker.member_oof[member.name] if member.name in stacker.member_oof else \
+            cross_validate(data, spec, [member]).oof
+    reference = {"prior": reference["prior"], "length": reference["length"], "head": head_prediction(data.pair),
+                 "linear": reference["linear"]}
+    return StackResult(spec, data, stacker, reference)
+
+
+def score(ctx: RunContext, spec: StackSpec, with_test: bool = False, baselines: bool = True) -> StackResult:
+    """Cross-validate stage two (and the baselines) on an experiment's features. Deterministic for a given spec:
+    stage=predict refits with the recorded one."""
+    matrices = load_train_features(ctx)
+    test = stacker_inputs(ctx.test.frame, test_features(ctx)) if with_test and ctx.test is not None else None
+    data = StackData(stacker_inputs(ctx.train.frame, matrices), ctx.labels, ctx.fold_of, ctx.groups,
+                     spec.vectors.settings(matrices), test, str(ctx.cfg.cv.group_by))
+    return evaluate(data, spec, baselines)
 
 
 def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray) -> None:

@@ -79,7 +79,9 @@ def ablation_table(overrides: list[str]) -> str:
     for name, extra in ABLATIONS.items():
         start = time.perf_counter()
         try:
-            result = stacking.score(context.open_run(compose([*overrides, *extra]), "bench_quality"), baselines=False)
+            cfg = compose([*overrides, *extra])
+            spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+            result = stacking.score(context.open_run(cfg, "bench_quality"), spec, baselines=False).metrics()
         except UserError as exc:
             lines.append(f"| {name} | n/a ({exc}) | | | |")
             continue
@@ -100,8 +102,10 @@ def source_holdout_table(overrides: list[str]) -> str:
     matrices = stacking.load_train_features(ctx)
     sources = sorted(frame["source"].unique())
     source_fold = frame["source"].map({s: k for k, s in enumerate(sources)}).to_numpy()
-    result = stacking.evaluate(stacking.stacker_inputs(frame, matrices), frame["label"].to_numpy(), source_fold,
-                               source_fold, cfg, stacking.vector_settings(cfg.stack, matrices))
+    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+    data = stacking.StackData(stacking.stacker_inputs(frame, matrices), frame["label"].to_numpy(), source_fold,
+                              source_fold, spec.vectors.settings(matrices), group_by="source")
+    result = stacking.evaluate(data, spec).metrics()
     names = ["stacker", *result["baselines"]]
     losses = {"stacker": result["per_fold"], **result["baseline_per_fold"]}
     lines = ["| held-out source | rows | " + " | ".join(names) + " | chosen |", "|---" * (len(names) + 3) + "|"]

@@ -23,13 +23,41 @@ def compose_resolved(overrides: list[str], return_hydra: bool = False):
     return cfg
 
 
+def leaves(node, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value of every leaf of a nested dict (a list is one leaf)."""
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+
+
+def file_settings(group: str, option: str) -> tuple[dict[str, object], list[str]]:
+    """A config file's own settings (dotted keys relative to the config root) and the group overrides its
+    defaults list makes (e.g. model=tiny)."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
+    defaults = raw.pop("defaults", []) or []
+    overrides = [f"{k.split('/')[-1]}={v}" for d in defaults if isinstance(d, dict) for k, v in d.items()
+                 if k.startswith("override /")]
+    prefix = "" if group == "experiment" else f"{group}."
+    return {f"{prefix}{k}": v for k, v in leaves(raw).items()}, overrides
+
+
+def composed_leaves(overrides: list[str]) -> dict[str, object]:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return leaves(OmegaConf.to_container(cfg, resolve=False))
+
+
 @pytest.mark.parametrize("group", ["paths", "data", "model", "cv", "finetune", "embed", "stack", "experiment"])
-def test_every_option_composes(group):
+def test_every_option_composes_with_its_own_settings(group):
+    """Every option of every group composes, resolves, and its file's settings are what the config then holds
+    (in every subtree it touches, not only one)."""
     assert options(group), f"conf/{group} is empty"
     for option in options(group):
-        cfg = compose_resolved([f"{group}={option}"])
-        assert cfg.stage == "all"
-        assert set(cfg) >= {"paths", "data", "model", "cv", "finetune", "embed", "stack", "seed", "exp_name"}
+        compose_resolved([f"{group}={option}"])
+        composed = composed_leaves([f"{group}={option}"])
+        own, _ = file_settings(group, option)
+        wrong = {k: (v, composed.get(k, "<missing>")) for k, v in own.items() if composed.get(k, "<missing>") != v}
+        assert not wrong, f"conf/{group}/{option}.yaml settings not in the composed config: {wrong}"
 
 
 def test_defaults_and_contract_keys():
@@ -42,18 +70,56 @@ def test_defaults_and_contract_keys():
 
 
 @pytest.mark.parametrize("preset", ["llama3_8b", "gemma2_9b", "qwen2_7b"])
-def test_gpu_presets_are_real_settings(preset):
+def test_gpu_presets_arch_is_a_real_transformers_config(preset):
+    """A preset's `arch` builds that family's transformers config (its model_type is known, every field is one the
+    config class takes) whose attention heads divide the hidden size: a typo fails here, not on a rented GPU."""
+    from transformers import AutoConfig
+
     cfg = compose_resolved([f"model={preset}"])
-    assert cfg.model.quantization == "4bit" and cfg.model.precision == "bf16"
-    assert cfg.model.gradient_checkpointing and 1024 <= cfg.model.max_length <= 2048
-    assert cfg.model.arch.hidden_size >= 3072 and cfg.model.path
+    arch = OmegaConf.to_container(cfg.model.arch)
+    config = AutoConfig.for_model(**arch)
+    assert config.model_type == arch["model_type"]
+    for key, value in arch.items():
+        assert getattr(config, key) == value, key
+    assert config.hidden_size % config.num_attention_heads == 0
+    assert config.num_attention_heads % config.num_key_value_heads == 0
 
 
-def test_experiment_states_only_changes():
-    base = compose_resolved([])
-    smoke = compose_resolved(["experiment=smoke"])
-    assert smoke.model.source == "tiny" and smoke.exp_name == "smoke"
-    assert smoke.finetune.lora == base.finetune.lora
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_states_only_changes(experiment):
+    """An experiment file states only what it changes: each of its settings differs from what the config would
+    hold without it, and nothing it does not name changes (apart from the groups its defaults list swaps)."""
+    own, group_overrides = file_settings("experiment", experiment)
+    base = composed_leaves(group_overrides)
+    composed = composed_leaves([f"experiment={experiment}"])
+    restated = [k for k, v in own.items() if base.get(k, "<missing>") == v]
+    assert not restated, f"experiment/{experiment}.yaml restates defaults: {restated}"
+    changed = {k for k in set(base) | set(composed) if base.get(k) != composed.get(k)}
+    assert changed <= set(own), f"experiment/{experiment}.yaml changes keys it does not name: {changed - set(own)}"
+
+
+@pytest.mark.parametrize("experiment", [None, *options("experiment")])
+def test_every_target_of_every_experiment_instantiates(experiment):
+    """Every `_target_` an experiment composes (the LoRA config, every stage-two member's estimator) builds, and
+    the stage-two spec builds from it, as lightning-hydra-template's config tests do."""
+    from hydra.utils import instantiate
+
+    from pipeline import stacking
+
+    cfg = compose_resolved([] if experiment is None else [f"experiment={experiment}"])
+    targets = 0
+    def visit(node):
+        nonlocal targets
+        if OmegaConf.is_dict(node):
+            if "_target_" in node:
+                assert instantiate(node, _convert_="all") is not None
+                targets += 1
+            for value in node.values():
+                visit(value)
+    visit(cfg)
+    assert targets >= 1 + len(cfg.stack.members) - 1  # the LoRA config and every member but the pass-through head
+    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+    assert [m.name for m in spec.members] == list(cfg.stack.blend_members)
 
 
 @pytest.mark.parametrize("launcher", ["local_parallel", "slurm"])

@@ -125,7 +125,7 @@ def test_damaged_folds_and_feature_files_name_the_file(tmp_path):
 
 def test_too_few_rows_of_a_class_for_the_folds_is_a_user_error():
     labels = np.array([0, 0, 0, 1, 1, 1, 2])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot split the train file into cv.n_folds=5 folds"):
         folds.assign_folds(labels, np.arange(7), 5, seed=0)
 
 

@@ -34,8 +34,7 @@ def test_pooled_vectors_match_output_hidden_states(fold_model):
     model, tokenizer, encoded, _ = fold_model
     out = forward_pass(model, encoded, tokenizer.pad_token_id, 10_000, torch.device("cpu"), torch.float32,
                        layers=[0.5, 1.0])
-    assert set(out.vectors) == {f"{layer}_{span}" for layer in ("h050", "h100")
-                                for span in ("prompt", "a", "b", "verdict")}
+    assert set(out.vectors) == {(layer, span) for layer in ("h050", "h100") for span in ("prompt", "a", "b", "verdict")}
     for i, enc in enumerate(encoded):
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([enc.input_ids]), output_hidden_states=True)
@@ -43,7 +42,7 @@ def test_pooled_vectors_match_output_hidden_states(fold_model):
             hidden = ref.hidden_states[hidden_index][0]
             for span, (start, end) in (("a", enc.span_a), ("b", enc.span_b), ("prompt", enc.span_prompt),
                                        ("verdict", (len(enc.input_ids) - 1, len(enc.input_ids)))):
-                np.testing.assert_allclose(out.vectors[f"{layer}_{span}"][i], hidden[start:end].mean(0).numpy(),
+                np.testing.assert_allclose(out.vectors[layer, span][i], hidden[start:end].mean(0).numpy(),
                                            atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(out.logits[i], ref.logits[0].numpy(), atol=1e-4, rtol=1e-4)
 

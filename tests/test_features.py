@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.features import (PairInputs, TEXT_STATS, feature_frame, mirror_vector_key, rule_matrix, similarity_frame,
+from pipeline.features import (SPANS, PairInputs, TEXT_STATS, VectorKey, feature_frame, rule_matrix, similarity_frame,
                                text_inputs, text_stats, vector_blocks)
 
 
@@ -85,10 +85,28 @@ def raw_vectors(n=8, d=4, seed=0, orientations=("fwd", "swp")) -> dict[str, np.n
             for span in ("prompt", "a", "b", "verdict") for o in orientations}
 
 
-def test_mirror_vector_key():
-    assert mirror_vector_key("h050_a_fwd") == "h050_b_swp"
-    assert mirror_vector_key("base_h100_verdict_swp") == "base_h100_verdict_fwd"
-    assert mirror_vector_key("h075_prompt_fwd") == "h075_prompt_swp"
+def mirror(key: str, spans=SPANS) -> str:
+    return str(VectorKey.parse(key, spans).mirrored())
+
+
+def test_vector_key_mirrors_and_round_trips():
+    assert mirror("h050_a_fwd") == "h050_b_swp"
+    assert mirror("base_h100_verdict_swp") == "base_h100_verdict_fwd"
+    assert mirror("h075_prompt_fwd") == "h075_prompt_swp"
+    for key in ("h050_a_fwd", "base_h100_verdict_swp"):
+        assert str(VectorKey.parse(key)) == key
+    assert not VectorKey.is_vector("head") and not VectorKey.is_vector("h050_a") and not VectorKey.is_vector("a_fwd")
+
+
+def test_vector_key_with_underscores_in_layer_and_span_names_still_mirrors():
+    """A layer named `layer_10` and a span named `tool_call` beside `a` / `b`: parsing matches known spans, so a
+    and b still swap (string splitting would have taken `10` as the layer and left a and b unswapped)."""
+    spans = (*SPANS, "tool_call")
+    assert mirror("layer_10_a_fwd", spans) == "layer_10_b_swp"
+    assert mirror("base_layer_10_b_swp", spans) == "base_layer_10_a_fwd"
+    key = VectorKey.parse("layer_10_tool_call_fwd", spans)
+    assert (key.layer, key.span, key.orientation) == ("layer_10", "tool_call", "fwd")
+    assert mirror("layer_10_tool_call_fwd", spans) == "layer_10_tool_call_swp"
 
 
 def test_vector_blocks_mirror_under_swap():

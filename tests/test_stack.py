@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import artifacts, inputs, stacking
+from pipeline import artifacts, inputs, members, stacking
 from pipeline.data import LABEL_COLUMNS, load_pairs
 from pipeline.errors import UserError
 from pipeline.scoring import logloss, prior_probs
@@ -24,9 +24,21 @@ def test_oof_and_metrics(tiny_experiment):
     assert set(st["members"]) == set(cfg.stack.blend_members)
     assert len(st["chosen"]) == cfg.cv.n_folds
     assert all(c in [*cfg.stack.blend_members, "blend"] for c in st["chosen"])
-    # The stacker's OOF is exactly what the chosen candidate predicted on each fold.
     labels = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame["label"].to_numpy()
     assert st["oof_logloss"] == pytest.approx(logloss(labels, oof[list(LABEL_COLUMNS)].to_numpy()), rel=1e-6)
+    # The stacker's OOF is exactly what the chosen candidate predicted on each fold: refit stage two on the same
+    # features and rebuild each fold's rows from the chosen member or the blend of the members.
+    from pipeline import context
+
+    cfg = compose_cfg(_overrides(cfg))
+    result = stacking.score(context.open_run(cfg, "stack"), stacking.StackSpec.from_config(cfg.stack, cfg.seed))
+    np.testing.assert_allclose(oof[list(LABEL_COLUMNS)].to_numpy(), result.oof, rtol=1e-12)
+    for k, fold in enumerate(result.folds):
+        names = list(cfg.stack.blend_members)
+        expected = stacking.Blend(np.array([fold.blend["weights"][n] for n in names]), fold.blend["tie_bias"]) \
+            .predict([fold.member_probs[n] for n in names]) if fold.chosen == "blend" else \
+            fold.member_probs[fold.chosen]
+        np.testing.assert_allclose(result.oof[result.data.fold_of == k], expected, atol=1e-3)
     report = (exp / "stack" / "report.md").read_text()
     assert "\n| stacker | " in report and "## Per fold" in report and "layers" in report
     assert artifacts.read_state(exp / "stack")["done"]
@@ -45,6 +57,9 @@ def test_rerun_without_a_test_file_removes_the_old_submission(tiny_experiment, t
     train = next((tmp_path / "demo_data").glob("demo_train_*.csv"))
     from conftest import TINY_OVERRIDES
 
+    predict.run(compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"exp_name={cfg.exp_name}",
+                             f"paths.model_cache_dir={cfg.paths.model_cache_dir}", "stage=predict"]))
+    assert "predict" in artifacts.read_metrics(copy)  # so its removal below is exercised
     stack.run(compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"exp_name={cfg.exp_name}",
                            f"paths.model_cache_dir={cfg.paths.model_cache_dir}", f"data.train={train}"]))
     assert not (copy / "submission.csv").exists()
@@ -136,15 +151,17 @@ def synthetic(n=600, d=6, seed=0, signal=1.0):
     return pair, labels, np.arange(n) % 3, np.arange(n)
 
 
-def stack_cfg(*overrides):
-    return compose_cfg(["stack.vectors.pca_components=0", "stack.inner_folds=3", *overrides]).stack
+VECTORS = {"layers": ["h100"], "kinds": ["diff"], "orientations": ["fwd", "swp"], "prefix": ""}
+
+
+def stack_spec(*overrides) -> stacking.StackSpec:
+    cfg = compose_cfg(["stack.vectors.pca_components=0", "stack.inner_folds=3", *overrides])
+    return stacking.StackSpec.from_config(cfg.stack, 0)
 
 
 def run_cv(pair, labels, fold_of, groups, names, *overrides):
-    cfg = stack_cfg(*overrides)
-    vectors = {"layers": ["h100"], "kinds": ["diff"], "orientations": ["fwd", "swp"], "prefix": ""}
-    return stacking.cross_validate(pair, labels, fold_of, groups, cfg, stacking.members_from_config(cfg, names),
-                                   vectors, seed=0)
+    spec = stack_spec(f"stack.blend_members=[{','.join(names)}]", *overrides)
+    return stacking.cross_validate(stacking.StackData(pair, labels, fold_of, groups, VECTORS), spec, spec.members)
 
 
 def test_vector_member_learns_a_real_signal_and_not_noise():
@@ -203,16 +220,16 @@ def test_any_sklearn_classifier_by_target():
                     "+stack.members.vectors.search.n_estimators=[50]")
     prior = logloss(labels, prior_probs(labels, len(labels)))
     assert logloss(labels, result.oof) < prior - 0.05
-    assert type(result.folds[0].models["vectors"][-1]).__name__ == "RandomForestClassifier"
+    assert type(result.folds[0].fits["vectors"].model[-1]).__name__ == "RandomForestClassifier"
 
 
 def test_unknown_member_and_group_are_user_errors():
-    cfg = stack_cfg("stack.blend_members=[head,nope]")
-    with pytest.raises(UserError, match="nope"):
-        stacking.members_from_config(cfg, list(cfg.blend_members))
-    cfg = stack_cfg("stack.members.text.groups=[text,colour]")
-    with pytest.raises(UserError, match="colour"):
-        stacking.members_from_config(cfg, ["text"])
+    with pytest.raises(UserError, match="stack.blend_members names \\['nope'\\]"):
+        stack_spec("stack.blend_members=[head,nope]")
+    with pytest.raises(UserError, match="stack.members.text.groups: unknown \\['colour'\\]"):
+        stack_spec("stack.members.text.groups=[text,colour]")
+    with pytest.raises(UserError, match="stack.baselines names \\['nope'\\]"):
+        stack_spec("stack.baselines.length=nope")
 
 
 def test_pass_through_head_member_predicts_the_tta_head():
@@ -224,15 +241,64 @@ def test_pass_through_head_member_predicts_the_tta_head():
 def test_staged_lightgbm_search_equals_separate_fits():
     """Reading one 200-round model at 25/50/100/200 rounds gives what four separate fits give."""
     pair, labels, fold_of, groups = synthetic(n=300)
-    cfg = stack_cfg()
-    member = stacking.members_from_config(cfg, ["text"])[0]
-    vectors = {"layers": ["h100"], "kinds": ["diff"], "orientations": ["fwd", "swp"], "prefix": ""}
-    x = stacking.design(pair, member.groups, vectors, {})
+    member = stack_spec().baselines["length"]
+    assert isinstance(member, members.StagedBoostingMember)
+    x = stacking.design(pair, member.groups, VECTORS, {})
     inner = stacking.inner_splits(labels, groups, 3, 0)
-    staged = dict((p["n_estimators"], oof) for p, oof in stacking._inner_predictions(member, x, labels, inner, True, 0))
+    staged = dict((p["n_estimators"], oof) for p, oof in member.inner_predictions(x, labels, inner, True, 0))
     for n in (25, 200):
         separate = np.zeros((len(labels), 3))
         for tr, va in inner:
-            model = stacking.fit_symmetric(member.build({"n_estimators": n}, 0), x.rows(tr), labels[tr], True)
-            separate[va] = stacking.predict_symmetric(model, x.rows(va), True)
+            model = members.fit_symmetric(member.build({"n_estimators": n}, 0), x.rows(tr), labels[tr], True)
+            separate[va] = members.predict_symmetric(model, x.rows(va), True)
         np.testing.assert_allclose(staged[n], separate, atol=1e-9)
+
+
+def test_evaluate_baselines_are_their_members_cross_validated_alone():
+    """The `length` baseline is the member stack.baselines names (text) cross-validated on the same folds: the
+    same numbers whether that member is blended or fitted alone for the baseline."""
+    pair, labels, fold_of, groups = synthetic(n=300)
+    data = stacking.StackData(pair, labels, fold_of, groups, VECTORS)
+    for members_ in ("[head,text]", "[head,vectors]"):
+        spec = stack_spec(f"stack.blend_members={members_}")
+        result = stacking.evaluate(data, spec)
+        alone = stacking.cross_validate(data, spec, [spec.baselines["length"]]).oof
+        np.testing.assert_allclose(result.baselines["length"], alone)
+        np.testing.assert_allclose(result.baselines["head"], (pair.head + pair.head_other) / 2)
+        metrics = result.metrics()
+        assert metrics["baselines"]["length"] == pytest.approx(logloss(labels, alone))
+        assert list(metrics["baselines"]) == ["prior", "length", "head", "linear"]
+        assert metrics["members"].keys() == set(members_.strip("[]").split(","))
+
+
+def test_select_candidate_needs_a_clear_paired_margin():
+    rng = np.random.default_rng(0)
+    n = 500
+    y = rng.integers(0, 3, n)
+    blend = np.full((n, 3), 1 / 3)
+    sharp = np.full((n, 3), 0.1)
+    sharp[np.arange(n), y] = 0.8
+    # Better on every row by a little: a consistent paired gain is clear, however small.
+    steady = blend.copy()
+    steady[np.arange(n), y] += 0.002
+    assert stacking.select_candidate(y, blend, {"steady": steady / steady.sum(1, keepdims=True)}, z=2.0) == "steady"
+    # Better on half the rows and as much worse on the other half (a tiny net gain): noise, the blend stays.
+    p_true = np.where(np.arange(n) % 2 == 0, 0.40, 0.28)
+    noisy = np.repeat(((1 - p_true) / 2)[:, None], 3, axis=1)
+    noisy[np.arange(n), y] = p_true
+    assert np.mean(stacking.row_losses(y, blend) - stacking.row_losses(y, noisy)) > 0
+    assert stacking.select_candidate(y, blend, {"noisy": noisy}, z=2.0) == "blend"
+    # Among clear winners the larger gain wins; a worse member never replaces the blend.
+    assert stacking.select_candidate(y, blend, {"sharp": sharp, "steady": steady}, z=2.0) == "sharp"
+    assert stacking.select_candidate(y, sharp, {"uniform": blend}, z=0.0) == "blend"
+
+
+def test_a_mistyped_estimator_is_refused_at_check_time(tiny_cfg):
+    """stage=check builds every member's estimator: a misspelt `_target_` or grid key fails there, before any
+    fine-tune."""
+    from pipeline import validation
+
+    with pytest.raises(UserError, match="stack.members.text.estimator: cannot build lightgbm.LGBMClassifer"):
+        validation.validate(tiny_cfg("stack.members.text.estimator._target_=lightgbm.LGBMClassifer"))
+    with pytest.raises(UserError, match=r"stack.members.summary.search: \['Cee'\] are not parameters"):
+        validation.validate(tiny_cfg("+stack.members.summary.search.Cee=[1.0]"))

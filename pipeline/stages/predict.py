@@ -57,9 +57,9 @@ def run(cfg: DictConfig) -> dict:
     extraction.ensure_test_features(ctx)
     if not ctx.is_main:
         return {}
-    result = stacking.score(ctx, with_test=True, baselines=False)
+    result = stacking.score(ctx, stacking.StackSpec.from_config(cfg.stack, cfg.seed), with_test=True, baselines=False)
     submission = ctx.out.submission
-    stacking.write_submission(submission, result["_test_ids"], result["_test"])
+    stacking.write_submission(submission, ctx.test.frame["id"].to_numpy(), result.test)
     metrics = {"n_rows": int(len(ctx.test.frame)), "test": str(ctx.test_path), "submission": str(submission),
                "n_repaired": ctx.test.n_repaired, "test_adapters": cfg.embed.test_adapters}
     artifacts.update_metrics(ctx.out.root, "predict", metrics)

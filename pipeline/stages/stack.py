@@ -35,19 +35,20 @@ def run(cfg: DictConfig) -> dict:
     lay = layout.Layout.of(cfg)
     out = results_dir(lay)
     single_run = out == lay.stack
+    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
     ctx = context.open_run(cfg, "stack", out_root=out.parent)
-    full = stacking.score(ctx, with_test=ctx.test is not None)
-    metrics = {k: v for k, v in full.items() if not k.startswith("_")}
+    result = stacking.score(ctx, spec, with_test=ctx.test is not None)
+    metrics = result.metrics()
     metrics["results_dir"] = str(out)
     # The results are one unit: written into a fresh folder, then swapped in, so a kill never leaves old and new
     # models side by side, and a submission only ever sits beside the models that made it.
     staging = artifacts.staging_dir(out)  # private to this process: a parallel run never writes into it
-    save(staging, cfg, full)
-    report.write(staging, metrics, full["_labels"], full["_plots"], full["_fold_of"])
+    save(staging, ctx, result)
+    report.write(staging, metrics, ctx.labels, result.plots(), ctx.fold_of)
     artifacts.replace_dir(staging, out)
     submission = lay.submission if single_run else out / layout.SUBMISSION
-    if full["_test"] is not None:
-        stacking.write_submission(submission, full["_test_ids"], full["_test"])
+    if result.test is not None:
+        stacking.write_submission(submission, ctx.test.frame["id"].to_numpy(), result.test)
         metrics["submission"] = str(submission)
     elif submission.exists():
         submission.unlink()  # made by older models: never leave it beside these
@@ -60,21 +61,21 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def save(out: Path, cfg: DictConfig, full: dict) -> None:
-    """OOF probabilities, the settings stage=predict refits with, and the LightGBM members' boosters (text,
-    inspectable with lightgbm.Booster)."""
+def save(out: Path, ctx: context.RunContext, result: stacking.StackResult) -> None:
+    """OOF probabilities, the settings stage=predict refits with, and each member's learned numbers per fold
+    (LightGBM boosters as text, linear coefficients as npz; never a pickle). The `length` baseline member's booster
+    keeps its documented name, fold_k/booster.txt."""
     artifacts.write_parquet(out / layout.OOF, pd.DataFrame(
-        {"id": full["_frame"]["id"].to_numpy(), "fold": full["_fold_of"], **dict(zip(LABEL_COLUMNS, full["_oof"].T))}))
-    for k, fold in enumerate(full["_folds"]):
-        for name, model in fold.models.items():
-            booster = getattr(model, "booster_", None)
-            if booster is not None:
-                with artifacts.atomic_path(out / f"fold_{k}" / ("booster.txt" if name == "text" else
-                                                                f"booster_{name}.txt")) as tmp:
-                    booster.save_model(str(tmp))
+        {"id": ctx.train.frame["id"].to_numpy(), "fold": ctx.fold_of, **dict(zip(LABEL_COLUMNS, result.oof.T))}))
+    length = result.spec.baselines["length"].name
+    exported = []
+    for k, fold in enumerate(result.folds):
+        files = {}
+        for member in result.spec.members:
+            stem = member.artifact_prefix if member.name == length else f"{member.artifact_prefix}_{member.name}"
+            files[member.name] = member.export(fold.fits[member.name], out / f"fold_{k}", stem)
+        exported.append({name: {"params": fold.fits[name].params, "files": names} for name, names in files.items()})
     artifacts.write_json(out / layout.MODEL_FILE, {
-        "stack": OmegaConf.to_container(cfg.stack, resolve=True), "n_folds": int(cfg.cv.n_folds),
-        "setup": setups.stack_setup(cfg)})
-    artifacts.mark_done(out, {"oof_logloss": logloss(full["_labels"], full["_oof"])})
-
-
+        "stack": OmegaConf.to_container(ctx.cfg.stack, resolve=True), "n_folds": ctx.n_folds,
+        "setup": setups.stack_setup(ctx.cfg), "folds": exported})
+    artifacts.mark_done(out, {"oof_logloss": logloss(ctx.labels, result.oof)})
