@@ -2,8 +2,9 @@
 
 Each segment is tokenised on its own and truncated to its budget, so one long response cannot starve the
 other, and the token span of each response is known exactly (the embed stage pools over it). The sequence
-ends with a fixed verdict marker, never with a pad/EOS token: classification heads pool the last non-pad token,
-which breaks when pad == EOS (SmolLM2, Llama-3).
+starts with the tokens the tokenizer itself puts before a text by default (Llama-3's `<|begin_of_text|>`,
+Gemma's `<bos>`; nothing for SmolLM2 or Qwen2, which add none) and ends with a fixed verdict marker, never with a
+pad/EOS token: classification heads pool the last non-pad token, which breaks when pad == EOS (SmolLM2, Llama-3).
 """
 from __future__ import annotations
 
@@ -67,11 +68,13 @@ def truncate(ids: Sequence[int], keep: int, side: str) -> list[int]:
 
 
 def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_ids: Sequence[int],
-             b_ids: Sequence[int], max_length: int, prompt_max_fraction: float, truncation_side: str) -> EncodedPair:
-    """Concatenate markers and budgeted segments; return ids and the response spans."""
+             b_ids: Sequence[int], max_length: int, prompt_max_fraction: float, truncation_side: str,
+             prefix_ids: Sequence[int] = ()) -> EncodedPair:
+    """Concatenate the prefix (the tokenizer's BOS, if it adds one), markers and budgeted segments; return ids and
+    the spans."""
     if truncation_side not in ("left", "right"):
         raise UserError(f"model.truncation_side={truncation_side}: use left or right")
-    fixed = sum(len(m) for m in marker_ids)
+    fixed = len(prefix_ids) + sum(len(m) for m in marker_ids)
     available = max_length - fixed
     if available < 3:
         raise UserError(f"model.max_length={max_length} leaves no room for text after the {fixed} template tokens; "
@@ -79,7 +82,7 @@ def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_i
     lengths = [len(prompt_ids), len(a_ids), len(b_ids)]
     budgets = allocate_budget(lengths, available, [max(1, int(available * prompt_max_fraction)), None, None])
     segments = [truncate(ids, n, truncation_side) for ids, n in zip((prompt_ids, a_ids, b_ids), budgets)]
-    ids: list[int] = []
+    ids: list[int] = list(prefix_ids)
     spans = []
     for marker, segment in zip(marker_ids, segments):
         ids += marker
@@ -92,15 +95,16 @@ def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_i
 
 def encode_pairs(tokenize: Callable[[list[str]], list[list[int]]], prompts: Sequence[Sequence[str]],
                  responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequence[str]], max_length: int,
-                 prompt_max_fraction: float, truncation_side: str) -> list[EncodedPair]:
-    """Encode many rows. `tokenize` maps texts to token ids without special tokens (batched for speed)."""
+                 prompt_max_fraction: float, truncation_side: str, prefix_ids: Sequence[int] = ()) -> list[EncodedPair]:
+    """Encode many rows. `tokenize` maps texts to token ids without special tokens (batched for speed);
+    `prefix_ids` start every sequence (see leading_special_ids)."""
     marker_ids = tokenize(list(MARKERS))
     n = len(prompts)
     texts = [segment_text(t) for t in prompts] + [segment_text(t) for t in responses_a] + \
         [segment_text(t) for t in responses_b]
     ids = tokenize(texts)
     return [assemble(marker_ids, ids[i], ids[n + i], ids[2 * n + i], max_length, prompt_max_fraction,
-                     truncation_side) for i in range(n)]
+                     truncation_side, prefix_ids) for i in range(n)]
 
 
 def tokenizer_fn(tokenizer) -> Callable[[list[str]], list[list[int]]]:
@@ -110,8 +114,23 @@ def tokenizer_fn(tokenizer) -> Callable[[list[str]], list[list[int]]]:
     return tokenize
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before any text by default (its BOS, e.g. Llama-3's `<|begin_of_text|>`,
+    Gemma's `<bos>`; none for SmolLM2 or Qwen2). Asked of the tokenizer, not looked up by family; tokens it adds
+    after the text (an EOS) are left out: the verdict marker must stay last."""
+    probe = "Which response"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return list(full[:start])
+    raise UserError(f"the tokenizer ({type(tokenizer).__name__}) encodes a text differently with and without its "
+                    "special tokens; the pipeline cannot tell where its BOS ends")
+
+
 def encode_frame(tokenizer, frame, model_cfg, swap: bool = False) -> list[EncodedPair]:
     """Encode tidy rows (see pipeline.data) with the model's formatting settings; `swap` exchanges A and B."""
     first, second = ("response_b", "response_a") if swap else ("response_a", "response_b")
     return encode_pairs(tokenizer_fn(tokenizer), list(frame["prompt"]), list(frame[first]), list(frame[second]),
-                        model_cfg.max_length, model_cfg.prompt_max_fraction, model_cfg.truncation_side)
+                        model_cfg.max_length, model_cfg.prompt_max_fraction, model_cfg.truncation_side,
+                        leading_special_ids(tokenizer))

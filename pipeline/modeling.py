@@ -19,14 +19,13 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline import artifacts
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 NUM_LABELS = 3
-TINY_SEED = 0  # the tiny base model is the same for every experiment; cfg.seed only drives training
 
 
 def device() -> torch.device:
@@ -58,11 +57,11 @@ def compute_dtype(precision: str, on: torch.device) -> torch.dtype:
     return table[precision]
 
 
-def validate(model_cfg: DictConfig) -> None:
-    """Fail early on settings this machine cannot honour."""
+def validate(model_cfg: DictConfig, loads_model: bool = True) -> None:
+    """Fail early on settings this machine cannot honour (the hardware ones only where the model is loaded)."""
     if model_cfg.quantization not in ("none", "4bit", "8bit"):
         raise UserError(f"model.quantization={model_cfg.quantization}: use none, 4bit or 8bit")
-    if model_cfg.quantization != "none" and not torch.cuda.is_available():
+    if loads_model and model_cfg.quantization != "none" and not torch.cuda.is_available():
         raise UserError(f"model.quantization={model_cfg.quantization} needs a CUDA GPU (bitsandbytes training is "
                         "not reliable on CPU); set model.quantization=none")
     if model_cfg.source not in ("tiny", "gguf_package", "pretrained"):
@@ -88,32 +87,6 @@ def _publish_dir(build, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def byte_level_tokenizer():
-    """A 256-symbol byte-level BPE tokenizer with no merges: needs no download, covers any text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
-    vocab["<eos>"] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
-
-
-def build_tiny(folder: Path, tiny_cfg: DictConfig) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = byte_level_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **OmegaConf.to_container(tiny_cfg))
-    torch.manual_seed(TINY_SEED)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def find_package_file(package: str, pattern: str) -> Path:
@@ -150,6 +123,8 @@ def base_model_plan(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[Path 
         return model_cfg.path, None
     cache_dir = Path(cache_dir)
     if model_cfg.source == "tiny":
+        from pipeline.tiny import build_tiny
+
         return cache_dir / f"tiny-{artifacts.config_hash(model_cfg.tiny)}", lambda d: build_tiny(d, model_cfg.tiny)
     if model_cfg.source == "gguf_package":
         gguf = find_package_file(model_cfg.package, model_cfg.gguf_glob)
@@ -289,8 +264,10 @@ def load_classifier(source: Path | str, model_cfg: DictConfig, tokenizer, dtype:
     # The load report only says that `score` is new and `lm_head` unused: expected, so not shown.
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     quant = quantization_config(model_cfg, dtype)
-    kwargs = dict(num_labels=NUM_LABELS, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
-                  local_files_only=bool(model_cfg.local_files_only), pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(num_labels=NUM_LABELS, dtype=dtype, local_files_only=bool(model_cfg.local_files_only),
+                  pad_token_id=tokenizer.pad_token_id)
+    if model_cfg.attn_implementation:  # null: the model's own default (eager for Gemma-2, sdpa for Llama)
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": on.index or 0})
     if Path(str(source)).is_dir():

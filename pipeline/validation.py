@@ -10,8 +10,13 @@ from pipeline import extraction, modeling, stacking
 from pipeline.errors import UserError, require_int, require_number
 
 
-def validate_model(model_cfg: DictConfig) -> None:
-    modeling.validate(model_cfg)
+# The stages that load the model: only they need the hardware a setting asks for (stage=check plans for a GPU
+# from a CPU machine; stage=stack re-scores features made on a GPU).
+LOADS_MODEL = ("finetune", "embed", "predict", "all")
+
+
+def validate_model(model_cfg: DictConfig, loads_model: bool = True) -> None:
+    modeling.validate(model_cfg, loads_model)
     if model_cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"model.precision={model_cfg.precision}: use auto, bf16, fp16 or fp32")
     require_int(model_cfg.max_length, "model.max_length", 16)
@@ -64,7 +69,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.cv.group_by, str) or not cfg.cv.group_by:
         raise UserError(f"cv.group_by={cfg.cv.group_by}: use prompt or the name of a column of the train file")
     require_int(cfg.seed, "seed", 0)
-    validate_model(cfg.model)
+    validate_model(cfg.model, cfg.stage in LOADS_MODEL)
     validate_finetune(cfg.finetune, n_folds)
     extraction.validate(cfg.embed)
     if cfg.embed.test_adapters == "averaged" and cfg.finetune.lora.get("use_dora"):

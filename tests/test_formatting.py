@@ -76,3 +76,44 @@ def test_max_length_too_small_is_a_user_error():
         assemble(char_tokenize(list(MARKERS)), [1], [2], [3], FIXED + 1, 0.3, "left")
     with pytest.raises(UserError, match="truncation_side"):
         assemble(char_tokenize(list(MARKERS)), [1], [2], [3], FIXED + 10, 0.3, "middle")
+
+
+def test_a_bos_prefix_starts_the_pair_and_the_spans_stay_exact():
+    """With a BOS (Llama-3, Gemma) the pair starts with it, the budget counts it (the pair still fits
+    max_length), and every span still decodes to exactly its text."""
+    bos = [1]
+    plain = encode_pairs(char_tokenize, [["p" * 50]], [["a" * 80]], [["b" * 80]], FIXED + 60, 0.3, "left")[0]
+    with_bos = encode_pairs(char_tokenize, [["p" * 50]], [["a" * 80]], [["b" * 80]], FIXED + 60, 0.3, "left",
+                            prefix_ids=bos)[0]
+    assert with_bos.input_ids[0] == 1 and plain.input_ids[0] != 1
+    assert len(with_bos.input_ids) == len(plain.input_ids) == FIXED + 60
+    assert with_bos.n_truncated == plain.n_truncated + 1
+    for enc in (plain, with_bos):
+        assert set(decode(enc.input_ids[slice(*enc.span_a)])) == {"a"}
+        assert set(decode(enc.input_ids[slice(*enc.span_b)])) == {"b"}
+        assert set(decode(enc.input_ids[slice(*enc.span_prompt)])) == {"p"}
+    short = encode_pairs(char_tokenize, [["p"]], [["xyz"]], [["b"]], 400, 0.3, "left", prefix_ids=bos)[0]
+    assert decode(short.input_ids[slice(*short.span_a)]) == "xyz" and short.span_prompt[0] == 1 + len(MARKERS[0])
+
+
+@pytest.mark.parametrize("family, adds_bos", [("llama", False), ("llama3", True), ("gemma2", True), ("qwen2", False)])
+def test_bos_comes_from_what_the_tokenizer_adds(family, adds_bos, tmp_path):
+    """The prefix is asked of the tokenizer (no family table): a tokenizer that adds a BOS by default gets it at
+    the start of every pair, one that adds none gets nothing; response spans decode to the response either way."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from pipeline.formatting import leading_special_ids
+    from pipeline.tiny import build_tiny
+
+    build_tiny(tmp_path, OmegaConf.create({"family": family, "hidden_size": 16, "num_hidden_layers": 1,
+                                           "num_attention_heads": 2, "num_key_value_heads": 1,
+                                           "intermediate_size": 32}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    lead = leading_special_ids(tokenizer)
+    assert lead == ([tokenizer.bos_token_id] if adds_bos else [])
+    tokenize = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = encode_pairs(tokenize, [["Hi?"]], [["Sure, here it is."]], [["No."]], 400, 0.3, "left", lead)[0]
+    assert (enc.input_ids[0] == tokenizer.bos_token_id) == adds_bos
+    assert tokenizer.decode(enc.input_ids[slice(*enc.span_a)]) == "Sure, here it is."
+    assert tokenizer.decode(enc.input_ids[slice(*enc.span_b)]) == "No."

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_OVERRIDES
-from pipeline import artifacts, extraction, inputs, layout
-from pipeline.data import LABEL_COLUMNS, load_pairs
+from pipeline import artifacts, inputs, layout
+from pipeline.data import LABEL_COLUMNS
 from pipeline.stages import embed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,38 +190,6 @@ def test_subset_of_folds_then_the_rest_equals_one_full_run(tmp_path, model_cache
     assert embed.run(base)["refreshed_folds"] == []  # every fold's features came from its fold-end pass
     reference_stack = json.loads((reference / "metrics.json").read_text())["stack"]["oof_logloss"]
     assert stack.run(base)["oof_logloss"] == pytest.approx(reference_stack, abs=1e-6)
-
-
-def test_averaged_adapter_equals_the_mean_of_the_merged_fold_models(tiny_experiment, tmp_path):
-    """The averaged adapter (rank K*r, folds' A stacked, B side by side and scaled) gives the logits of a model
-    whose weights are the mean of the K merged fold models; the head is the folds' mean head."""
-    import torch
-
-    from pipeline import modeling
-    from pipeline.formatting import encode_frame
-    from pipeline.inference import forward_pass
-
-    cfg, exp, _ = tiny_experiment
-    lay = layout.Layout(exp)
-    target = tmp_path / "averaged" / "adapter"
-    extraction.average_adapters([lay.adapter(k) for k in range(cfg.cv.n_folds)], target)
-    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
-    tokenizer = modeling.load_tokenizer(source, cfg.model)
-    cpu, fp32 = torch.device("cpu"), torch.float32
-    merged = [modeling.load_with_adapter(source, cfg.model, tokenizer, lay.adapter(k), fp32, cpu).merge_and_unload()
-              .state_dict() for k in range(cfg.cv.n_folds)]
-    mean_model = modeling.load_classifier(source, cfg.model, tokenizer, fp32, cpu)
-    mean_model.load_state_dict({name: torch.stack([m[name] for m in merged]).mean(0) for name in merged[0]})
-    averaged = modeling.load_with_adapter(source, cfg.model, tokenizer, target, fp32, cpu)
-    assert averaged.peft_config["default"].r == cfg.cv.n_folds * cfg.finetune.lora.r
-    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame.head(12)
-    encoded = encode_frame(tokenizer, frame, cfg.model)
-    expected = forward_pass(mean_model.eval(), encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
-    got = forward_pass(averaged, encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
-    one_fold = forward_pass(modeling.load_with_adapter(source, cfg.model, tokenizer, lay.adapter(0), fp32, cpu),
-                            encoded, tokenizer.pad_token_id, 4096, cpu, fp32).logits
-    assert not np.allclose(one_fold, expected, atol=1e-4)  # the average is not just one fold
 
 
 def test_predict_with_the_averaged_adapter_scores_every_test_row(tiny_experiment, tmp_path):

@@ -55,49 +55,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @gpu
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_qlora_train_step_on_cuda(tmp_path, model_cache, quantization):
-    """bitsandbytes-quantised base + LoRA: Trainer steps change the LoRA and head weights and leave the quantised
-    base weights bit for bit as they were; the fold-end pass then gives probabilities (CUDA only)."""
-    from pipeline import context, extraction, modeling
-    from pipeline.stages import finetune
+    """bitsandbytes-quantised base + LoRA: Trainer steps change the LoRA matrices and the `modules_to_save` head
+    copy and leave the quantised base and PEFT's frozen original head bit for bit as they were; the fold-end pass
+    then gives probabilities (CUDA only; tests/test_families.py runs the same check on the CPU in bf16)."""
+    from lora_step import assert_steps_change_only_trainable_weights
 
-    cfg = compose_cfg(["model=tiny", f"model.quantization={quantization}", "finetune.max_steps=2",
-                       "finetune.learning_rate=1e-2", f"paths.output_dir={tmp_path}",
-                       f"paths.model_cache_dir={model_cache}"])
-    ctx = context.open_run(cfg, "finetune")
-    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
-    tokenizer = modeling.load_tokenizer(source, cfg.model)
-    rows_all = extraction.encode_rows(tokenizer, ctx.train.frame, cfg)
-    rows = finetune.training_rows(rows_all.encoded, None, ctx.labels, np.arange(32), False)
-    snapshots = {}
-
-    def snapshot(model) -> dict[str, torch.Tensor]:
-        return {n: p.detach().float().cpu().clone() if p.is_floating_point() else p.detach().cpu().clone()
-                for n, p in model.named_parameters() if "lora_B" in n or "score" in n or "q_proj.base_layer" in n}
-
-    original_train = finetune.pipeline_trainer
-
-    def recording_trainer(head_lr):
-        cls = original_train(head_lr)
-
-        class Recording(cls):
-            def train(self, *args, **kwargs):
-                snapshots["before"] = snapshot(self.model)
-                return super().train(*args, **kwargs)
-        return Recording
-
-    finetune.pipeline_trainer = recording_trainer
-    try:
-        model, stats = finetune.train_fold(ctx, 0, source, tokenizer, rows)
-    finally:
-        finetune.pipeline_trainer = original_train
-    after = snapshot(model)
-    before = snapshots["before"]
-    lora = [n for n in before if "lora_B" in n]
-    head = [n for n in before if "score" in n and before[n].is_floating_point()]
-    base = [n for n in before if "base_layer" in n]
-    assert lora and head and base and stats["global_step"] == 2 and stats["train_tokens"] > 0
-    assert all(not torch.equal(before[n], after[n]) for n in lora + head)
-    assert all(torch.equal(before[n], after[n]) for n in base)
-    settings = extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype)
-    feats = extraction.pass_features(model, rows_all.take(np.arange(8)), settings)
-    np.testing.assert_allclose(extraction.head_probabilities(feats).sum(axis=1), 1, rtol=1e-3)
+    assert_steps_change_only_trainable_weights(compose_cfg([
+        "model=tiny", f"model.quantization={quantization}", "finetune.max_steps=2", "finetune.learning_rate=1e-2",
+        f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"]))

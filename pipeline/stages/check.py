@@ -5,11 +5,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, context, inputs, modeling, stacking, validation
+from pipeline import artifacts, context, inputs, memory, modeling, stacking, validation
 from pipeline.data import PairData
-from pipeline.formatting import MARKERS, segment_text, tokenizer_fn
+from pipeline.formatting import MARKERS, leading_special_ids, segment_text, tokenizer_fn
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,8 @@ def token_length_percentiles(data: PairData, tokenizer) -> dict[str, dict[str, i
     frame = data.frame
     counts = {col: np.array([len(ids) for ids in tokenize([segment_text(t) for t in frame[col]])])
               for col in ("prompt", "response_a", "response_b")}
-    counts["pair"] = sum(counts.values()) + sum(len(ids) for ids in tokenize(list(MARKERS)))
+    counts["pair"] = sum(counts.values()) + sum(len(ids) for ids in tokenize(list(MARKERS))) + \
+        len(leading_special_ids(tokenizer))
     return {name: {f"p{q}": int(np.percentile(v, q)) for q in (50, 90, 99)} | {"max": int(v.max())}
             for name, v in counts.items()}
 
@@ -38,6 +39,38 @@ def cheap_tokenizer(cfg: DictConfig):
     except Exception as exc:  # the length summary is an extra, never a reason to fail the check
         log.warning("no token-length summary: %s", exc)
         return None
+
+
+def model_shape(cfg: DictConfig) -> dict | None:
+    """The model's transformers config (defaults filled in) without its weights: the preset's `arch`, else the
+    config.json of a base model already on disk (tiny is built in a second); None when neither is at hand."""
+    from transformers import AutoConfig
+
+    if cfg.model.get("arch"):
+        return AutoConfig.for_model(**OmegaConf.to_container(cfg.model.arch, resolve=True)).to_dict()
+    try:
+        target, _ = modeling.base_model_plan(cfg.model, cfg.paths.model_cache_dir)
+        if cfg.model.source == "tiny":
+            target = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+        if not Path(str(target)).is_dir():
+            return None
+        return AutoConfig.from_pretrained(target, local_files_only=True).to_dict()
+    except Exception as exc:  # the plan is an extra, never a reason to fail the check
+        log.warning("no GPU memory plan: %s", exc)
+        return None
+
+
+def memory_plan(cfg: DictConfig) -> memory.MemoryPlan | None:
+    """GPU memory per device for this model and these settings (see pipeline/memory.py)."""
+    config = model_shape(cfg)
+    if config is None:
+        return None
+    weight_bytes = 4 if cfg.model.precision == "fp32" else 2
+    eager = (cfg.model.attn_implementation or ("eager" if config.get("model_type") == "gemma2" else "sdpa")) == "eager"
+    return memory.plan(memory.ModelShape.from_config(config), cfg.model.quantization, weight_bytes,
+                       int(cfg.finetune.lora.r), cfg.finetune.lora.get("target_modules"), int(cfg.model.max_length),
+                       int(cfg.finetune.per_device_batch_size), bool(cfg.model.gradient_checkpointing), eager,
+                       int(cfg.embed.batch_tokens), len(cfg.embed.layers), float(cfg.check.gpu_memory_gb))
 
 
 def summarise(data: PairData, tokenizer, max_length: int) -> dict:
@@ -74,7 +107,11 @@ def run(cfg: DictConfig) -> dict:
         metrics["test"] = summarise(test, tokenizer, cfg.model.max_length)
         overlap = set(train.frame["id"]) & set(test.frame["id"])
         metrics["test"]["ids_also_in_train"] = len(overlap)
-    for split, summary in metrics.items():
+    plan = memory_plan(cfg)
+    if plan is not None:
+        metrics["gpu_memory"] = plan.as_dict()
+        print(plan.table())
+    for split, summary in ((k, v) for k, v in metrics.items() if k in ("train", "test", "extra")):
         line = f"check {split}: {summary['n_rows']} rows, {summary['n_repaired']} repaired {summary['repairs']}"
         if "label_counts" in summary:
             line += f", labels {summary['label_counts']}"
