@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from pipeline import artifacts, locks, tracking, validation
 from pipeline.errors import UserError
 
-STAGES = ("check", "finetune", "embed", "stack", "predict", "all")
+STAGES = ("check", "finetune", "embed", "stack", "predict", "all", "export")
 # The metric a sweep minimises, per stage: its path in the stage's returned metrics.
 SWEEP_METRIC = {"finetune": ("oof_logloss",), "stack": ("oof_logloss",), "all": ("stack", "oof_logloss")}
 log = logging.getLogger("pipeline")

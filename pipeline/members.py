@@ -103,10 +103,14 @@ class Member:
     def predict(self, fit: MemberFit, x: Design | None, head: np.ndarray, symmetric: bool) -> np.ndarray:
         raise NotImplementedError
 
-    def export(self, fit: MemberFit, folder: Path, stem: str) -> list[str]:
+    def export(self, fit: MemberFit, folder: Path, stem: str) -> list[str] | None:
         """Write the fitted model's learned numbers under `folder` as text / JSON / npz (never a pickle); the file
-        names written."""
+        names written, or None when this model cannot be written without a pickle."""
         return []
+
+    def restore(self, folder: Path, files: list[str]):
+        """The fitted model `export` wrote, rebuilt so that it predicts exactly as the original did."""
+        return None
 
 
 class HeadMember(Member):
@@ -181,22 +185,33 @@ class EstimatorMember(Member):
     def predict(self, fit, x, head, symmetric) -> np.ndarray:
         return predict_symmetric(fit.model, x, symmetric)
 
-    def export(self, fit: MemberFit, folder: Path, stem: str) -> list[str]:
-        """A linear model's coefficients (and its scaler's statistics) as npz; other estimators are rebuilt from
-        the recorded settings (stage=predict refits them), so nothing is written for them."""
-        steps = dict(fit.model.named_steps) if hasattr(fit.model, "named_steps") else {"model": fit.model}
-        final = list(steps.values())[-1]
-        if not hasattr(final, "coef_"):
-            return []
+    def export(self, fit: MemberFit, folder: Path, stem: str) -> list[str] | None:
+        """A linear model's coefficients (and its scaler's statistics) as npz. Other estimators (a random forest,
+        an SVM) have no pickle-free form: None (stage=predict refits them from the recorded settings instead)."""
+        steps = list(fit.model.named_steps.values()) if hasattr(fit.model, "named_steps") else [fit.model]
+        final = steps[-1]
+        if not hasattr(final, "coef_") or not hasattr(final, "intercept_"):
+            return None
         arrays = {"coef": final.coef_, "intercept": final.intercept_, "classes": final.classes_}
-        scaler = next((s for s in steps.values() if isinstance(s, StandardScaler)), None)
+        scaler = next((s for s in steps if isinstance(s, StandardScaler)), None)
         if scaler is not None:
-            arrays.update(scaler_mean=scaler.mean_, scaler_scale=scaler.scale_)
+            arrays.update(scaler_mean=scaler.mean_, scaler_scale=scaler.scale_, scaler_var=scaler.var_)
         name = f"{stem}.npz"
-        with artifacts.atomic_path(folder / name) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)
+        save_npz(folder / name, arrays)
         return [name]
+
+    def restore(self, folder: Path, files: list[str]):
+        arrays = load_npz(folder / files[0])
+        model = clone(self.prototype)
+        model.coef_, model.intercept_, model.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
+        model.n_features_in_ = arrays["coef"].shape[1]
+        if not self.standardize:
+            return model
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_, scaler.var_ = arrays["scaler_mean"], arrays["scaler_scale"], arrays["scaler_var"]
+        scaler.n_features_in_ = len(scaler.mean_)
+        scaler.n_samples_seen_ = 0
+        return make_pipeline(scaler, model)
 
 
 class StagedBoostingMember(EstimatorMember):
@@ -222,15 +237,53 @@ class StagedBoostingMember(EstimatorMember):
         for n in counts:
             yield {"n_estimators": n}, oofs[n]
 
-    def export(self, fit: MemberFit, folder: Path, stem: str) -> list[str]:
-        """The booster as LightGBM's text model (inspectable, reloadable with lightgbm.Booster(model_file=...))."""
+    def export(self, fit: MemberFit, folder: Path, stem: str) -> list[str] | None:
+        """The booster as LightGBM's text model (inspectable, reloadable with lightgbm.Booster(model_file=...))
+        and its classes."""
         booster = getattr(fit.model, "booster_", None)
         if booster is None:
             return super().export(fit, folder, stem)
-        name = f"{stem}.txt"
-        with artifacts.atomic_path(folder / name) as tmp:
+        with artifacts.atomic_path(folder / f"{stem}.txt") as tmp:
             booster.save_model(str(tmp))
-        return [name]
+        save_npz(folder / f"{stem}.classes.npz", {"classes": fit.model.classes_})
+        return [f"{stem}.txt", f"{stem}.classes.npz"]
+
+    def restore(self, folder: Path, files: list[str]):
+        import lightgbm
+
+        if not files[0].endswith(".txt"):
+            return super().restore(folder, files)
+        return BoosterClassifier(lightgbm.Booster(model_file=str(folder / files[0])),
+                                 load_npz(folder / files[1])["classes"])
+
+
+class BoosterClassifier:
+    """A LightGBM booster read back from its text model, answering predict_proba as the LGBMClassifier that
+    trained it does (same trees, same softmax)."""
+
+    def __init__(self, booster, classes: np.ndarray):
+        self.booster = booster
+        self.classes_ = classes
+
+    def predict_proba(self, x: np.ndarray, **predict_params) -> np.ndarray:
+        return self.booster.predict(x, **predict_params)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with artifacts.atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Arrays only: `allow_pickle=False`, so an edited file cannot carry objects."""
+    if not path.is_file():
+        raise UserError(f"{path} not found; the export is incomplete: run stage=export again")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); run stage=export again") from None
 
 
 MEMBER_KINDS: tuple[type[Member], ...] = (HeadMember, StagedBoostingMember, EstimatorMember)

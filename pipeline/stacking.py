@@ -170,7 +170,11 @@ def fit_reducers(pair: PairInputs, index: np.ndarray, vectors: dict, n_component
     reducers = {}
     for name, block in original.items():
         both = np.concatenate([block, mirrored[name]])
-        reducers[name] = PCA(n_components=min(n_components, *both.shape), random_state=seed).fit(both)
+        pca = PCA(n_components=min(n_components, *both.shape), random_state=seed).fit(both)
+        # C-ordered components: an export stores them so, and a matmul's last bit depends on the memory layout
+        # (the solver can return a reversed view), so the model that scores here is the one an export rebuilds.
+        pca.components_ = np.ascontiguousarray(pca.components_)
+        reducers[name] = pca
     return reducers
 
 
@@ -342,6 +346,73 @@ class StackData:
 
 
 @dataclass
+class FoldModel:
+    """What one outer fold's stage two learned, enough to score new rows: the vector reducers, each member's fitted
+    model, the blend and the candidate chosen on the inner split (exported by stage=export, rebuilt by Predictor)."""
+
+    members: list[Member]
+    reducers: dict[str, PCA]
+    fits: dict[str, MemberFit]
+    blend: Blend
+    chosen: str
+
+    def member_predictions(self, pair: PairInputs, vectors: dict, symmetric: bool) -> dict[str, np.ndarray]:
+        head = head_prediction(pair)
+        return {m.name: m.predict(self.fits[m.name], design(pair, m.groups, vectors, self.reducers)
+                                  if m.reads_design else None, head, symmetric) for m in self.members}
+
+    def predict(self, pair: PairInputs, vectors: dict, symmetric: bool) -> np.ndarray:
+        return self.combine(self.member_predictions(pair, vectors, symmetric))
+
+    def combine(self, member_probs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.chosen == "blend":
+            return self.blend.predict([member_probs[m.name] for m in self.members])
+        return member_probs[self.chosen]
+
+
+def save_fold_model(model: FoldModel, folder: Path) -> dict:
+    """Write a fold's stage two as files (PCA components and means as npz, each member's export, never a pickle)
+    and return the record that, with them, rebuilds it (`load_fold_model`). Refuses a member whose model has no
+    pickle-free form."""
+    from pipeline.members import save_npz
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if model.reducers:
+        save_npz(folder / "pca.npz", {f"{block}|{part}": getattr(pca, part) for block, pca in model.reducers.items()
+                                      for part in ("components_", "mean_", "explained_variance_")})
+    members = {}
+    for member in model.members:
+        files = member.export(model.fits[member.name], folder, f"{member.artifact_prefix}_{member.name}")
+        if files is None:
+            raise UserError(f"stack member {member.name} ({member.describe()}) has no pickle-free form, so it "
+                            "cannot be exported; use LightGBM or linear members (or score with the experiment "
+                            "folder itself)")
+        members[member.name] = {"params": model.fits[member.name].params, "files": files}
+    return {"chosen": model.chosen, "blend": {"weights": model.blend.weights.tolist(), "tie_bias": model.blend.tie_bias},
+            "reducers": sorted(model.reducers), "members": members}
+
+
+def load_fold_model(record: dict, folder: Path, members: list[Member]) -> FoldModel:
+    """Inverse of `save_fold_model`: the same predictions, bit for bit."""
+    from pipeline.members import load_npz
+
+    reducers = {}
+    if record["reducers"]:
+        arrays = load_npz(folder / "pca.npz")
+        for block in record["reducers"]:
+            components = arrays[f"{block}|components_"]
+            pca = PCA(n_components=components.shape[0])
+            pca.components_, pca.mean_ = components, arrays[f"{block}|mean_"]
+            pca.explained_variance_ = arrays[f"{block}|explained_variance_"]
+            pca.n_components_, pca.n_features_in_ = components.shape
+            reducers[block] = pca
+    fits = {m.name: MemberFit(np.zeros((0, 3)), float("nan"), record["members"][m.name]["params"],
+                              m.restore(folder, record["members"][m.name]["files"])) for m in members}
+    blend = Blend(np.asarray(record["blend"]["weights"], dtype=np.float64), float(record["blend"]["tie_bias"]))
+    return FoldModel(members, reducers, fits, blend, record["chosen"])
+
+
+@dataclass
 class FoldResult:
     probs: np.ndarray                 # the chosen candidate's predictions on the scored rows
     test_probs: np.ndarray | None
@@ -350,7 +421,11 @@ class FoldResult:
     blend: dict
     member_probs: dict[str, np.ndarray]
     member_test: dict[str, np.ndarray]
-    fits: dict[str, MemberFit]
+    model: FoldModel
+
+    @property
+    def fits(self) -> dict[str, MemberFit]:
+        return self.model.fits
 
 
 def fit_fold(data: StackData, spec: StackSpec, members: list[Member], k: int) -> FoldResult:
@@ -362,8 +437,7 @@ def fit_fold(data: StackData, spec: StackSpec, members: list[Member], k: int) ->
         else {}
     inner = inner_splits(y[train], data.groups[train], spec.inner_folds, spec.seed)
     head_all = head_prediction(pair)
-    head_test = head_prediction(test) if test is not None else None
-    fits, member_probs, member_test = {}, {}, {}
+    fits, member_probs = {}, {}
     for member in members:
         x = design(pair, member.groups, data.vectors, reducers) if member.reads_design else None
         fit = member.fit(None if x is None else x.rows(train), y[train], inner, head_all[train], spec.symmetric,
@@ -371,9 +445,6 @@ def fit_fold(data: StackData, spec: StackSpec, members: list[Member], k: int) ->
         fits[member.name] = fit
         member_probs[member.name] = member.predict(fit, None if x is None else x.rows(valid), head_all[valid],
                                                    spec.symmetric)
-        if test is not None:
-            x_test = design(test, member.groups, data.vectors, reducers) if member.reads_design else None
-            member_test[member.name] = member.predict(fit, x_test, head_test, spec.symmetric)
     names = [m.name for m in members]
     blend = fit_blend([fits[n].inner_oof for n in names], y[train], spec.blend_l2)
     inner_losses = {n: fits[n].inner_loss for n in names}
@@ -384,15 +455,13 @@ def fit_fold(data: StackData, spec: StackSpec, members: list[Member], k: int) ->
             if spec.select else "blend"
     else:
         chosen = names[0]
-    if chosen == "blend":
-        probs = blend.predict([member_probs[n] for n in names])
-        test_probs = blend.predict([member_test[n] for n in names]) if test is not None else None
-    else:
-        probs, test_probs = member_probs[chosen], member_test.get(chosen)
-    return FoldResult(probs, test_probs, chosen, inner_losses,
-                      {"weights": dict(zip(names, np.round(blend.weights, 4).tolist())),
-                       "tie_bias": round(blend.tie_bias, 4)},
-                      member_probs, member_test, fits)
+    model = FoldModel(members, reducers, fits, blend, chosen)
+    # New rows (the test file) go through the same FoldModel an export rebuilds.
+    member_test = model.member_predictions(test, data.vectors, spec.symmetric) if test is not None else {}
+    return FoldResult(model.combine(member_probs), model.combine(member_test) if test is not None else None, chosen,
+                      inner_losses, {"weights": dict(zip(names, np.round(blend.weights, 4).tolist())),
+                                     "tie_bias": round(blend.tie_bias, 4)},
+                      member_probs, member_test, model)
 
 
 @dataclass
@@ -539,9 +608,14 @@ def score(ctx: RunContext, spec: StackSpec, with_test: bool = False, baselines: 
     return evaluate(data, spec, baselines)
 
 
+def submission_probabilities(probs: np.ndarray) -> np.ndarray:
+    """What a submission holds: each probability at least 1e-7, each row summing to 1."""
+    probs = np.clip(probs, 1e-7, 1.0)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray) -> None:
     """Kaggle submission: id + three probabilities, rows in test order, each row summing to 1."""
-    probs = np.clip(probs, 1e-7, 1.0)
-    probs = probs / probs.sum(axis=1, keepdims=True)
+    probs = submission_probabilities(probs)
     with artifacts.atomic_path(path) as tmp:
         pd.DataFrame({"id": ids, **dict(zip(LABEL_COLUMNS, probs.T))}).to_csv(tmp, index=False)

@@ -12,7 +12,7 @@ from pipeline.errors import UserError, require_int, require_number
 
 # The stages that load the model: only they need the hardware a setting asks for (stage=check plans for a GPU
 # from a CPU machine; stage=stack re-scores features made on a GPU).
-LOADS_MODEL = ("finetune", "embed", "predict", "all")
+LOADS_MODEL = ("finetune", "embed", "predict", "all", "export")
 
 
 def validate_model(model_cfg: DictConfig, loads_model: bool = True) -> None:
@@ -76,3 +76,5 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("embed.test_adapters=averaged with finetune.lora.use_dora=true: DoRA adapters cannot be "
                         "averaged exactly; use embed.test_adapters=each")
     stacking.StackSpec.from_config(cfg.stack, cfg.seed)  # every member's estimator built once
+    if cfg.export.model not in ("adapters", "merged"):
+        raise UserError(f"export.model={cfg.export.model}: use adapters or merged")

@@ -1,0 +1,313 @@
+"""Use a finished experiment from Python, or take it anywhere as an export (no Hydra, no command line):
+
+    from pipeline import Predictor
+    predictor = Predictor.load("outputs/shared_ties")          # an experiment folder, or its export/
+    probs = predictor.predict_proba(test_df)                    # (n, 3): a, b, tie, as stage=predict writes them
+    feats = predictor.features(test_df)                         # head probabilities and pooled vectors
+    predictor.info                                              # model, settings, OOF scores
+
+Scoring is the code stage=predict runs: rows encoded with the recorded formatting (the tokenizer's BOS included),
+one forward pass per orientation and fold adapter on one loaded base model (rows batched by length), the features
+averaged over the adapters and stored at `embed.storage_dtype` exactly as the feature files hold them, then each
+outer fold's stage two and their mean, clipped and normalised as the submission is. From an experiment, stage two
+is refitted from its OOF features (deterministic, seconds); from an export, it is rebuilt from the exported numbers
+(LightGBM text models, linear coefficients, PCA components, blend weights), bit for bit, with no training data.
+Nothing is written unless asked (`export`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import artifacts, extraction, layout, modeling, setups, stacking
+from pipeline.data import LABEL_COLUMNS, PairData, parse_frame
+from pipeline.errors import UserError
+
+EXPORT_FILE = "export.json"
+EXPORT_FORMAT = 1
+EXPORT_MODES = ("adapters", "merged")
+
+
+@dataclass
+class PairFeatures:
+    """What the fine-tuned model says about each pair: the head's probabilities (both orientations averaged) and
+    the pooled vectors, keyed `{layer}_{span}_{orientation}` (pipeline.features.VectorKey)."""
+
+    ids: np.ndarray
+    head: np.ndarray
+    vectors: dict[str, np.ndarray]
+    matrices: dict[str, np.ndarray]   # everything stage two reads (head, head_swapped, vectors)
+
+
+def as_pair_data(pairs: pd.DataFrame | Sequence[dict]) -> PairData:
+    """Pairs in the Kaggle test layout (id, prompt, response_a, response_b), as a DataFrame or a list of dicts;
+    cells may be JSON lists of turns (as in Kaggle's files), Python lists, or plain text."""
+    frame = pairs if isinstance(pairs, pd.DataFrame) else pd.DataFrame(list(pairs))
+    return parse_frame(frame.reset_index(drop=True), source="pairs", with_labels=False)
+
+
+def stored(matrix: np.ndarray, dtype: str) -> np.ndarray:
+    """A matrix as a feature file gives it back: written at `dtype`, read as float32."""
+    return np.ascontiguousarray(matrix, dtype=dtype).astype(np.float32)
+
+
+class Predictor:
+    """A finished experiment (or its export), ready to score new pairs. Build it with `Predictor.load(path)`."""
+
+    def __init__(self, cfg: DictConfig, source: Path | str, adapters: list[Path], spec: stacking.StackSpec,
+                 vectors: dict, fold_models: list[stacking.FoldModel], info: dict, device: str | None = None):
+        self.cfg = cfg
+        self.source = source
+        self.adapters = adapters          # fold adapters (or the averaged one); [] for a merged export
+        self.spec = spec
+        self.vectors = vectors
+        self.fold_models = fold_models
+        self.info = info
+        self.device = torch.device(device) if device else modeling.device()
+        self.dtype = modeling.compute_dtype(cfg.model.precision, self.device)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> "Predictor":
+        """An export folder (holding export.json) or an experiment folder (holding stack/model.json)."""
+        path = Path(path)
+        if (path / EXPORT_FILE).is_file():
+            return cls.from_export(path, device)
+        if (path / "stack" / layout.MODEL_FILE).is_file() or (path / "finetune").is_dir():
+            return cls.from_experiment(path, device=device)
+        raise UserError(f"{path} is neither an export (no {EXPORT_FILE}) nor a finished experiment (no "
+                        f"stack/{layout.MODEL_FILE}); run stage=all and stage=export first")
+
+    @classmethod
+    def from_experiment(cls, exp: Path, cfg: DictConfig | None = None, device: str | None = None) -> "Predictor":
+        """The experiment's recorded settings (or `cfg`, already checked against them); stage two refitted from
+        its OOF features as stage=predict does. Needs the experiment's train file."""
+        from pipeline import context
+
+        exp = Path(exp)
+        cfg = cfg if cfg is not None else recorded_experiment_config(exp)
+        spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+        with tempfile.TemporaryDirectory(prefix="predictor_") as scratch:  # the run context's manifest goes here
+            ctx = context.open_run(cfg, "predictor", out_root=Path(scratch))
+            ft_states = extraction.finetune_fold_states(ctx)
+            result = stacking.score(ctx, spec, baselines=False)
+        lay = layout.Layout(exp)
+        averaged = cfg.embed.test_adapters == "averaged"
+        adapters = [lay.averaged_adapter] if averaged else [lay.adapter(k) for k in range(int(cfg.cv.n_folds))]
+        if averaged and not extraction.is_current(lay.averaged_adapter.parent, {"finetune": ft_states[0]["config_hash"],
+                                                                              "data": ft_states[0]["data"]}):
+            raise UserError(f"{lay.averaged_adapter} is missing or stale; run stage=predict "
+                            "embed.test_adapters=averaged once (it builds the averaged adapter)")
+        metrics = artifacts.read_metrics(exp)
+        info = {"source": "experiment", "path": str(exp), "model": OmegaConf.to_container(cfg.model, resolve=True),
+                "n_folds": int(cfg.cv.n_folds), "test_adapters": cfg.embed.test_adapters,
+                "finetune_oof_logloss": metrics.get("finetune", {}).get("oof_logloss"),
+                "stack_oof_logloss": metrics.get("stack", {}).get("oof_logloss"),
+                "n_train_rows": int(len(ctx.ids))}
+        source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+        return cls(cfg, source, adapters, spec, result.data.vectors, [f.model for f in result.folds], info, device)
+
+    @classmethod
+    def from_export(cls, folder: Path, device: str | None = None) -> "Predictor":
+        """A folder written by stage=export: read only, no training data, no pickle."""
+        folder = Path(folder)
+        try:
+            record = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
+            if record.get("format") != EXPORT_FORMAT:
+                raise ValueError(f"format {record.get('format')!r}, expected {EXPORT_FORMAT}")
+            cfg = OmegaConf.create({key: record[key] for key in ("model", "embed", "stack", "seed")})
+            adapters = [folder / a for a in record["adapters"]]
+            folds, vectors, info = record["folds"], record["vectors"], record["info"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{folder / EXPORT_FILE} is missing or damaged ({exc}); run stage=export again") from None
+        stacking.check_recorded_targets(record["stack"], OmegaConf.create({}), folder / EXPORT_FILE)
+        spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+        for path in [folder / "model", *adapters]:
+            if not path.is_dir():
+                raise UserError(f"{path} not found; the export is incomplete: run stage=export again")
+        fold_models = [stacking.load_fold_model(fold, folder / "stack" / f"fold_{k}", spec.members)
+                       for k, fold in enumerate(folds)]
+        return cls(cfg, folder / "model", adapters, spec, vectors, fold_models, {**info, "path": str(folder)},
+                   device)
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = modeling.load_tokenizer(self.source, self.cfg.model)
+        return self._tokenizer
+
+    def features(self, pairs: pd.DataFrame | Sequence[dict]) -> PairFeatures:
+        """One pass per orientation and adapter over the pairs (rows batched by length), averaged over the adapters
+        and stored as the feature files store them."""
+        data = as_pair_data(pairs)
+        tokenizer = self.tokenizer
+        rows = extraction.encode_rows(tokenizer, data.frame, self.cfg)
+        settings = extraction.PassSettings(tokenizer.pad_token_id, self.cfg.embed, self.device, self.dtype)
+        model = modeling.load_classifier(self.source, self.cfg.model, tokenizer, self.dtype, self.device)
+        dtype = self.cfg.embed.storage_dtype
+        passes = []
+        for k, adapter in enumerate(self.adapters or [None]):
+            if adapter is not None:
+                model = modeling.attach_adapter(model, adapter, f"fold_{k}" if len(self.adapters) > 1 else "averaged")
+            feats = extraction.pass_features(model, rows, settings, desc=f"adapter {k + 1}/{len(self.adapters or [0])}")
+            passes.append({name: stored(m, dtype) for name, m in feats.items()})
+        matrices = {name: stored(np.mean([p[name] for p in passes], axis=0), dtype) for name in passes[0]}
+        vectors = {k: v for k, v in matrices.items() if not k.startswith("head")}
+        ids = data.frame["id"].to_numpy()
+        return PairFeatures(ids, extraction.head_probabilities(matrices), vectors, matrices)
+
+    def predict_proba(self, pairs: pd.DataFrame | Sequence[dict]) -> np.ndarray:
+        """(n, 3) probabilities of a wins, b wins, tie: what stage=predict writes for these rows."""
+        data = as_pair_data(pairs)
+        feats = self.features(data.frame)
+        pair = stacking.stacker_inputs(data.frame, feats.matrices)
+        probs = np.mean([m.predict(pair, self.vectors, self.spec.symmetric) for m in self.fold_models], axis=0)
+        return stacking.submission_probabilities(probs)
+
+    def predict(self, pairs: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+        """The submission layout: id and the three probability columns."""
+        data = as_pair_data(pairs)
+        probs = self.predict_proba(data.frame)
+        return pd.DataFrame({"id": data.frame["id"].to_numpy(), **dict(zip(LABEL_COLUMNS, probs.T))})
+
+    # ------------------------------------------------------------------------------------------------- export
+    def export(self, folder: Path, mode: str = "adapters", made_by: Sequence[str] = ()) -> dict:
+        """Write a self-contained folder another machine scores from offline, read-only: the classifier (the base
+        model with the fold adapters, or the adapters averaged and merged into it: `mode`), its tokenizer, the
+        formatting and embed settings, stage two as numbers, and a README model card. Returns what was written."""
+        if mode not in EXPORT_MODES:
+            raise UserError(f"export.model={mode}: use {' or '.join(EXPORT_MODES)}")
+        if mode == "merged" and self.spec.vectors.source == "base":
+            raise UserError("export.model=merged cannot give the base model's vectors (stack.vectors.source=base); "
+                            "use export.model=adapters")
+        folder = Path(folder)
+        staging = artifacts.staging_dir(folder)
+        records = [stacking.save_fold_model(m, staging / "stack" / f"fold_{k}") for k, m in enumerate(self.fold_models)]
+        if mode == "adapters":
+            copy_model_folder(Path(str(self.source)), staging / "model")
+            names = []
+            for k, adapter in enumerate(self.adapters):
+                shutil.copytree(adapter, staging / "adapters" / f"fold_{k}")
+                names.append(f"adapters/fold_{k}")
+        else:
+            self.merged_model().save_pretrained(staging / "model")
+            self.tokenizer.save_pretrained(staging / "model")
+            names = []
+        embed = OmegaConf.to_container(self.cfg.embed, resolve=True)
+        if mode == "merged":
+            embed["test_adapters"] = "averaged"
+        info = {**{k: v for k, v in self.info.items() if k != "path"}, "source": "export", "mode": mode,
+                "made_by": list(made_by)}
+        record = {"format": EXPORT_FORMAT, "model": OmegaConf.to_container(self.cfg.model, resolve=True),
+                  "embed": embed, "stack": OmegaConf.to_container(self.cfg.stack, resolve=True),
+                  "seed": int(self.cfg.seed), "vectors": self.vectors, "adapters": names, "folds": records,
+                  "info": info, "versions": artifacts.package_versions()}
+        artifacts.write_json(staging / EXPORT_FILE, record)
+        artifacts.write_text(staging / "README.md", model_card(record))
+        artifacts.apply_user_mode(staging)
+        artifacts.replace_dir(staging, folder)
+        return {"dir": str(folder), "mode": mode, "size_mb": round(folder_size(folder) / 2 ** 20, 1),
+                "n_folds": len(records)}
+
+    def merged_model(self):
+        """The fold adapters averaged into one (exact for the mean of the merged fold models) and merged into the
+        base weights, `score` head included: a plain transformers sequence classifier. The merge runs in fp32 on the
+        CPU from the unquantised base (a merge into 4-bit weights would be lossy) and the result is stored in the
+        base checkpoint's own dtype (Llama-3's bf16, SmolLM2's converted fp32); a quantised preset quantises it again
+        when it is loaded."""
+        if len(self.adapters) == 1:
+            averaged = self.adapters[0]
+        else:
+            averaged = Path(tempfile.mkdtemp(prefix="averaged_")) / "adapter"
+            extraction.average_adapters(self.adapters, averaged)
+        model_cfg = OmegaConf.merge(self.cfg.model, {"quantization": "none"})
+        model = modeling.load_with_adapter(self.source, model_cfg, self.tokenizer, averaged, torch.float32,
+                                           torch.device("cpu")).merge_and_unload()
+        return model.to(checkpoint_dtype(Path(str(self.source))))
+
+
+def recorded_experiment_config(exp: Path) -> DictConfig:
+    """The config the experiment's stacker was made with (manifests/stack.json), pointed at where the folder is
+    now; its stack settings are the recorded ones, checked to name no code (predict's allow-list)."""
+    lay = layout.Layout(exp)
+    manifest, model_file = lay.manifest("stack"), lay.stack / layout.MODEL_FILE
+    if not artifacts.read_state(lay.stack) or not model_file.is_file() or not manifest.is_file():
+        raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
+    try:
+        cfg = OmegaConf.create(artifacts.read_json(manifest)["config"])
+        saved = artifacts.read_json(model_file)
+    except (ValueError, KeyError):
+        raise UserError(f"{manifest} or {model_file} is damaged; re-run stage=stack") from None
+    stacking.check_recorded_targets(saved["stack"], OmegaConf.create({}), model_file)
+    cfg.stack = saved["stack"]
+    cfg.paths.exp_dir, cfg.paths.output_dir, cfg.exp_name = str(exp), str(exp.parent), exp.name
+    cfg.data.test = None
+    from pipeline import inputs
+
+    train = inputs.data_paths(cfg).train
+    if not Path(train).is_file():
+        raise UserError(f"{train} (the experiment's train file) not found: the stacker is refitted from it; copy it "
+                        "back, or score with an export (stage=export), which needs no training data")
+    differ = [k for k, _, _ in artifacts.differing_values(saved["setup"], setups.stack_setup(cfg))]
+    if differ:
+        raise UserError(f"{exp}: the recorded settings no longer match the experiment ({', '.join(differ)}); "
+                        "re-run stage=stack")
+    return cfg
+
+
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype a model folder's weights were saved in (config.json), fp32 when it does not say."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def copy_model_folder(source: Path, target: Path) -> None:
+    """The base model's safetensors weights, config and tokenizer files (never a pickle)."""
+    modeling.check_weights_folder(source, "*.safetensors", "config.json")
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.is_file() and not path.name.startswith(".") and not any(
+                path.match(p) for p in modeling.PICKLED_WEIGHTS):
+            shutil.copy2(path, target / path.name)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def model_card(record: dict[str, Any]) -> str:
+    info, model = record["info"], record["model"]
+    score = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    classifier = (f"the base model plus the {info['n_folds']} fold LoRA adapters, features averaged over their "
+                  "passes" if info["mode"] == "adapters" else
+                  "the fold adapters averaged and merged into the base weights, score head included")
+    return "\n".join([
+        f"# Pairwise preference classifier ({model.get('name')})", "",
+        f"- base model: {model.get('path') or model.get('name')} ({model.get('source')}), formatting: max_length "
+        f"{model.get('max_length')}, prompt share {model.get('prompt_max_fraction')}, truncation "
+        f"{model.get('truncation_side')}, the tokenizer's own BOS",
+        f"- classifier ({info['mode']}): {classifier}",
+        f"- trained on {info.get('n_train_rows')} labelled pairs, {info['n_folds']} prompt-grouped folds",
+        f"- out-of-fold log loss: head {score(info.get('finetune_oof_logloss'))}, stacker "
+        f"{score(info.get('stack_oof_logloss'))}",
+        f"- stage two: {', '.join(m for m in record['stack']['blend_members'])}, per fold in stack/fold_k/ (LightGBM "
+        "text models, linear coefficients and PCA components as npz, blend weights in export.json)",
+        f"- made by: {' '.join(info.get('made_by') or []) or 'stage=export'}", "",
+        "```python", "from pipeline import Predictor", "predictor = Predictor.load(\"path/to/this/folder\")",
+        "probs = predictor.predict_proba(test_df)   # Kaggle test layout: id, prompt, response_a, response_b",
+        "```", ""])
