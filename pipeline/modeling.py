@@ -277,6 +277,12 @@ def load_classifier(source: Path | str, model_cfg: DictConfig, tokenizer, dtype:
                                                                    trust_remote_code=False, **kwargs)
     except OSError as exc:
         raise UserError(f"model.path={source}: cannot load weights offline ({exc})") from None
+    except ValueError as exc:
+        if "attn_implementation" in kwargs and "attention" in str(exc).lower():
+            raise UserError(f"model.attn_implementation={kwargs['attn_implementation']}: this model cannot use it "
+                            f"({' '.join(str(exc).split())[:200]}); set model.attn_implementation=eager, or null for "
+                            "the model's own default") from None
+        raise
     model.config.pad_token_id = tokenizer.pad_token_id
     if quant is None:
         model.to(on)

@@ -142,3 +142,16 @@ def test_gpu_preset_arch_builds_what_the_pipeline_finds(preset):
     assert len(wrapped) == len(projections) * arch["num_hidden_layers"]
     assert not any("score" in n for n in wrapped)
     assert any("score.modules_to_save" in n for n, _ in peft_model.named_parameters())
+
+
+def test_an_attention_the_family_cannot_use_is_one_error(tiny_cfg):
+    """Gemma-2 has no SDPA path in transformers: asking for it is an `error:` naming the setting, not a traceback
+    from inside the loader (the tiny preset's null picks each family's own default)."""
+    from pipeline import modeling
+    from pipeline.errors import UserError
+
+    cfg = tiny_cfg("model.tiny.family=gemma2", "model.attn_implementation=sdpa")
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    with pytest.raises(UserError, match="model.attn_implementation=sdpa: this model cannot use it"):
+        modeling.load_classifier(source, cfg.model, tokenizer, torch.float32, torch.device("cpu"))
