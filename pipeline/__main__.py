@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import artifacts, locks, tracking, validation
+from pipeline import artifacts, context, locks, tracking, validation
 from pipeline.errors import UserError
 
 STAGES = ("check", "finetune", "embed", "stack", "predict", "all", "export")
@@ -26,14 +26,8 @@ def locked_folder(cfg: DictConfig) -> Path | None:
     that writes its shared artifacts; none for stage=finetune (it locks each fold it trains, so K fold jobs run
     side by side) and for a stack multirun job (it writes only its own job folder); stage=predict's own output
     folder when paths.predict_dir sends its results elsewhere."""
-    if cfg.stage == "finetune":
+    if cfg.stage == "finetune" or (cfg.stage == "stack" and context.multirun_job_dir() is not None):
         return None
-    if cfg.stage == "stack":
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return None
     if cfg.stage == "predict" and cfg.paths.predict_dir:
         return Path(cfg.paths.predict_dir)
     return Path(cfg.paths.exp_dir)

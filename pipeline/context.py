@@ -70,6 +70,17 @@ class RunContext:
         return folds.group_keys(self.train.frame, self.cfg.cv.group_by)
 
 
+def multirun_job_dir() -> Path | None:
+    """The folder Hydra gives this job when it runs inside a multirun sweep (each job writes its own results
+    there); None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
+
+
 _PARSED: dict[bool, tuple[tuple, PairData]] = {}  # with_labels -> (file identity, parsed data)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,14 +112,15 @@ class PassSettings:
     dtype: torch.dtype
 
 
-def _orient(vectors: dict[str, np.ndarray], orientation: str) -> dict[str, np.ndarray]:
-    """Pass vectors keyed by slot -> keyed by response identity. In the swapped pass slot A holds response_b."""
+def _orient(vectors: dict[tuple[str, str], np.ndarray], orientation: str,
+            base: bool = False) -> dict[str, np.ndarray]:
+    """Pass vectors keyed by (layer, slot) -> keyed by response identity (VectorKey names; `base`: the base model's
+    vectors). In the swapped pass slot A holds response_b."""
     out = {}
-    for key, matrix in vectors.items():
-        layer, span = key
+    for (layer, span), matrix in vectors.items():
         if orientation == "swp" and span in ("a", "b"):
             span = "b" if span == "a" else "a"
-        out[str(VectorKey(layer, span, orientation))] = matrix
+        out[str(VectorKey(layer, span, orientation, base))] = matrix
     return out
 
 
@@ -146,8 +147,7 @@ def pass_features(model, rows: Rows, settings: PassSettings, desc: str = "") -> 
         with model.disable_adapter():  # the same base weights without LoRA: does fine-tuning help the vectors?
             for orientation, encoded in orientations:
                 result = one_pass(encoded, f"base {orientation}")
-                out.update({str(replace(VectorKey.parse(k), base=True)): v
-                            for k, v in _orient(result.vectors, orientation).items()})
+                out.update(_orient(result.vectors, orientation, base=True))
     return out
 
 

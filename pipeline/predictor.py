@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, extraction, layout, modeling, setups, stacking
+from pipeline import artifacts, extraction, layout, modeling, stacking
 from pipeline.data import LABEL_COLUMNS, PairData, parse_frame
 from pipeline.errors import UserError
 
@@ -150,7 +150,19 @@ class Predictor:
     def features(self, pairs: pd.DataFrame | Sequence[dict]) -> PairFeatures:
         """One pass per orientation and adapter over the pairs (rows batched by length), averaged over the adapters
         and stored as the feature files store them."""
+        return self._features(as_pair_data(pairs))
+
+    def predict_proba(self, pairs: pd.DataFrame | Sequence[dict]) -> np.ndarray:
+        """(n, 3) probabilities of a wins, b wins, tie: what stage=predict writes for these rows."""
+        return self._predict_proba(as_pair_data(pairs))
+
+    def predict(self, pairs: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+        """The submission layout: id and the three probability columns."""
         data = as_pair_data(pairs)
+        probs = self._predict_proba(data)
+        return pd.DataFrame({"id": data.frame["id"].to_numpy(), **dict(zip(LABEL_COLUMNS, probs.T))})
+
+    def _features(self, data: PairData) -> PairFeatures:
         tokenizer = self.tokenizer
         rows = extraction.encode_rows(tokenizer, data.frame, self.cfg)
         settings = extraction.PassSettings(tokenizer.pad_token_id, self.cfg.embed, self.device, self.dtype)
@@ -167,19 +179,10 @@ class Predictor:
         ids = data.frame["id"].to_numpy()
         return PairFeatures(ids, extraction.head_probabilities(matrices), vectors, matrices)
 
-    def predict_proba(self, pairs: pd.DataFrame | Sequence[dict]) -> np.ndarray:
-        """(n, 3) probabilities of a wins, b wins, tie: what stage=predict writes for these rows."""
-        data = as_pair_data(pairs)
-        feats = self.features(data.frame)
-        pair = stacking.stacker_inputs(data.frame, feats.matrices)
+    def _predict_proba(self, data: PairData) -> np.ndarray:
+        pair = stacking.stacker_inputs(data.frame, self._features(data).matrices)
         probs = np.mean([m.predict(pair, self.vectors, self.spec.symmetric) for m in self.fold_models], axis=0)
         return stacking.submission_probabilities(probs)
-
-    def predict(self, pairs: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
-        """The submission layout: id and the three probability columns."""
-        data = as_pair_data(pairs)
-        probs = self.predict_proba(data.frame)
-        return pd.DataFrame({"id": data.frame["id"].to_numpy(), **dict(zip(LABEL_COLUMNS, probs.T))})
 
     # ------------------------------------------------------------------------------------------------- export
     def export(self, folder: Path, mode: str = "adapters", made_by: Sequence[str] = ()) -> dict:
@@ -193,7 +196,9 @@ class Predictor:
                             "use export.model=adapters")
         folder = Path(folder)
         staging = artifacts.staging_dir(folder)
-        records = [stacking.save_fold_model(m, staging / "stack" / f"fold_{k}") for k, m in enumerate(self.fold_models)]
+        length = self.spec.baselines["length"].name
+        records = [stacking.save_fold_model(m, staging / "stack" / f"fold_{k}", length)
+                   for k, m in enumerate(self.fold_models)]
         if mode == "adapters":
             copy_model_folder(Path(str(self.source)), staging / "model")
             names = []
@@ -239,18 +244,15 @@ class Predictor:
 
 def recorded_experiment_config(exp: Path) -> DictConfig:
     """The config the experiment's stacker was made with (manifests/stack.json), pointed at where the folder is
-    now; its stack settings are the recorded ones, checked to name no code (predict's allow-list)."""
+    now, with the recorded stack settings (stacking.with_recorded_stack; nothing beyond the allow-list trusted)."""
     lay = layout.Layout(exp)
-    manifest, model_file = lay.manifest("stack"), lay.stack / layout.MODEL_FILE
-    if not artifacts.read_state(lay.stack) or not model_file.is_file() or not manifest.is_file():
+    manifest = lay.manifest("stack")
+    if not manifest.is_file():
         raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
     try:
         cfg = OmegaConf.create(artifacts.read_json(manifest)["config"])
-        saved = artifacts.read_json(model_file)
     except (ValueError, KeyError):
-        raise UserError(f"{manifest} or {model_file} is damaged; re-run stage=stack") from None
-    stacking.check_recorded_targets(saved["stack"], OmegaConf.create({}), model_file)
-    cfg.stack = saved["stack"]
+        raise UserError(f"{manifest} is damaged; re-run stage=stack") from None
     cfg.paths.exp_dir, cfg.paths.output_dir, cfg.exp_name = str(exp), str(exp.parent), exp.name
     cfg.data.test = None
     from pipeline import inputs
@@ -259,11 +261,7 @@ def recorded_experiment_config(exp: Path) -> DictConfig:
     if not Path(train).is_file():
         raise UserError(f"{train} (the experiment's train file) not found: the stacker is refitted from it; copy it "
                         "back, or score with an export (stage=export), which needs no training data")
-    differ = [k for k, _, _ in artifacts.differing_values(saved["setup"], setups.stack_setup(cfg))]
-    if differ:
-        raise UserError(f"{exp}: the recorded settings no longer match the experiment ({', '.join(differ)}); "
-                        "re-run stage=stack")
-    return cfg
+    return stacking.with_recorded_stack(cfg, lay, trusted=OmegaConf.create({}))
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:

@@ -29,6 +29,7 @@ from pipeline import artifacts, extraction, layout, setups
 from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS
 from pipeline.errors import UserError, require_int, require_number
+from pipeline.layout import Layout
 from pipeline.features import (BASE_PREFIX, ORIENTATIONS, VECTOR_BLOCKS, PairInputs, VectorKey, feature_frame,
                                similarity_frame, text_inputs, vector_blocks)
 from pipeline.members import GROUPS, Design, Member, MemberFit, member_from_config
@@ -245,6 +246,27 @@ def check_recorded_targets(recorded: dict, current: DictConfig, source: Path) ->
                         "stage=stack to rewrite it")
 
 
+def with_recorded_stack(cfg: DictConfig, lay: Layout, trusted: DictConfig) -> DictConfig:
+    """`cfg` with the stack settings the experiment's stacker was trained with (stack/model.json), after checking
+    that the rest of `cfg` agrees with what it recorded (model, embed, cv, seed, train file: a differing key is an
+    error naming it) and that the recorded settings name no code beyond what `trusted` (a stack config the user
+    gave, or nothing) names (check_recorded_targets)."""
+    model_file = lay.stack / layout.MODEL_FILE
+    if not artifacts.read_state(lay.stack) or not model_file.exists():
+        raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
+    try:
+        saved = artifacts.read_json(model_file)
+        recorded_setup, recorded_stack = saved["setup"], saved["stack"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{model_file} is damaged; re-run stage=stack") from None
+    differ = [key for key, _, _ in artifacts.differing_values(recorded_setup, setups.stack_setup(cfg))]
+    if differ:
+        raise UserError(f"this command line differs from the settings the stacker of {lay.root} was trained with: "
+                        f"{', '.join(differ)}; drop those overrides (or re-run stage=all)")
+    check_recorded_targets(recorded_stack, trusted, model_file)
+    return OmegaConf.merge(cfg, {"stack": recorded_stack})
+
+
 def head_prediction(pair: PairInputs) -> np.ndarray:
     return (pair.head + pair.head_other) / 2
 
@@ -370,10 +392,12 @@ class FoldModel:
         return member_probs[self.chosen]
 
 
-def save_fold_model(model: FoldModel, folder: Path) -> dict:
+def save_fold_model(model: FoldModel, folder: Path, length_member: str, strict: bool = True) -> dict:
     """Write a fold's stage two as files (PCA components and means as npz, each member's export, never a pickle)
-    and return the record that, with them, rebuilds it (`load_fold_model`). Refuses a member whose model has no
-    pickle-free form."""
+    and return the record that, with them, rebuilds it (`load_fold_model`). Member files are named
+    `{prefix}_{member}`, the `length` baseline member's `{prefix}` alone (its booster: the documented
+    `booster.txt`). With `strict` (an export) a member whose model has no pickle-free form is refused; without
+    (stack/fold_k/, informational) its files are recorded as None."""
     from pipeline.members import save_npz
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -382,8 +406,9 @@ def save_fold_model(model: FoldModel, folder: Path) -> dict:
                                       for part in ("components_", "mean_", "explained_variance_")})
     members = {}
     for member in model.members:
-        files = member.export(model.fits[member.name], folder, f"{member.artifact_prefix}_{member.name}")
-        if files is None:
+        stem = member.artifact_prefix if member.name == length_member else f"{member.artifact_prefix}_{member.name}"
+        files = member.export(model.fits[member.name], folder, stem)
+        if files is None and strict:
             raise UserError(f"stack member {member.name} ({member.describe()}) has no pickle-free form, so it "
                             "cannot be exported; use LightGBM or linear members (or score with the experiment "
                             "folder itself)")
@@ -492,14 +517,15 @@ def cross_validate(data: StackData, spec: StackSpec, members: list[Member]) -> C
     return CVResult(oof, np.mean(test_parts, axis=0) if test_parts else None, member_oof, results)
 
 
-def load_train_features(ctx: RunContext) -> dict[str, np.ndarray]:
-    """OOF embed features in data order, after the checks that they are leak-free and made with this setup."""
+def load_train_features(ctx: RunContext, finetune_state: dict) -> dict[str, np.ndarray]:
+    """OOF embed features in data order, after the checks that they are leak-free and made with this setup (that
+    of the adapters whose checked state is `finetune_state`: extraction.finetune_fold_states)."""
     lay = ctx.layout
     path, manifest_path = lay.train_features, lay.embed_manifest
     if not path.exists() or not manifest_path.exists():
         raise UserError(f"{path} not found; run stage=embed first")
     manifest = artifacts.read_json(manifest_path)
-    expected = setups.embed_setup(ctx.cfg, extraction.finetune_fold_states(ctx)[0])
+    expected = setups.embed_setup(ctx.cfg, finetune_state)
     changed = [k for k, v in expected.items() if manifest.get("setup", {}).get(k) != v]
     if changed:
         raise UserError(f"{path} was made with other settings ({', '.join(changed)} differ from this command "
@@ -516,9 +542,9 @@ def load_train_features(ctx: RunContext) -> dict[str, np.ndarray]:
     return matrices
 
 
-def test_features(ctx: RunContext) -> dict[str, np.ndarray]:
+def test_features(ctx: RunContext, finetune_state: dict) -> dict[str, np.ndarray]:
     """The test file's features, made by finetune/embed/predict with the current setup (never extracted here)."""
-    folder = extraction.test_folder(ctx, extraction.finetune_fold_states(ctx)[0])
+    folder = extraction.test_folder(ctx, finetune_state)
     path = folder / layout.TEST_FEATURES
     if not path.exists():
         raise UserError(f"no features for data.test={ctx.test_path} with this setup; run stage=embed (or "
@@ -601,8 +627,10 @@ def evaluate(data: StackData, spec: StackSpec, baselines: bool = True) -> StackR
 def score(ctx: RunContext, spec: StackSpec, with_test: bool = False, baselines: bool = True) -> StackResult:
     """Cross-validate stage two (and the baselines) on an experiment's features. Deterministic for a given spec:
     stage=predict refits with the recorded one."""
-    matrices = load_train_features(ctx)
-    test = stacker_inputs(ctx.test.frame, test_features(ctx)) if with_test and ctx.test is not None else None
+    finetune_state = extraction.finetune_fold_states(ctx)[0]  # every fold checked once
+    matrices = load_train_features(ctx, finetune_state)
+    test = stacker_inputs(ctx.test.frame, test_features(ctx, finetune_state)) \
+        if with_test and ctx.test is not None else None
     data = StackData(stacker_inputs(ctx.train.frame, matrices), ctx.labels, ctx.fold_of, ctx.groups,
                      spec.vectors.settings(matrices), test, str(ctx.cfg.cv.group_by))
     return evaluate(data, spec, baselines)

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from pipeline import extraction, modeling, stacking
 from pipeline.errors import UserError, require_int, require_number
+from pipeline.predictor import EXPORT_MODES
 
 
 # The stages that load the model: only they need the hardware a setting asks for (stage=check plans for a GPU
@@ -76,5 +77,5 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("embed.test_adapters=averaged with finetune.lora.use_dora=true: DoRA adapters cannot be "
                         "averaged exactly; use embed.test_adapters=each")
     stacking.StackSpec.from_config(cfg.stack, cfg.seed)  # every member's estimator built once
-    if cfg.export.model not in ("adapters", "merged"):
-        raise UserError(f"export.model={cfg.export.model}: use adapters or merged")
+    if cfg.export.model not in EXPORT_MODES:
+        raise UserError(f"export.model={cfg.export.model}: use {' or '.join(EXPORT_MODES)}")

@@ -95,11 +95,11 @@ def source_holdout_table(overrides: list[str]) -> str:
     made without it; inner splits grouped by source too, as with cv.group_by=source). The head and vectors are
     the prompt-grouped run's OOF features, so this measures how the stacker carries to a new source;
     --group-by source measures the fine-tune too."""
-    from pipeline import context, stacking
+    from pipeline import context, extraction, stacking
 
     ctx = context.open_run(compose(overrides), "bench_quality")
     cfg, frame = ctx.cfg, ctx.train.frame
-    matrices = stacking.load_train_features(ctx)
+    matrices = stacking.load_train_features(ctx, extraction.finetune_fold_states(ctx)[0])
     sources = sorted(frame["source"].unique())
     source_fold = frame["source"].map({s: k for k, s in enumerate(sources)}).to_numpy()
     spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)

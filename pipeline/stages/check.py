@@ -26,16 +26,20 @@ def token_length_percentiles(data: PairData, tokenizer) -> dict[str, dict[str, i
             for name, v in counts.items()}
 
 
-def cheap_tokenizer(cfg: DictConfig):
-    """The model's tokenizer when it is already on disk (or tiny, built in a second); else None, so a check never
+def local_base_model(cfg: DictConfig) -> Path | None:
+    """The base model's folder when it is already on disk (tiny is built in a second); else None, so a check never
     waits for a model conversion or download."""
+    if cfg.model.source == "tiny":
+        return Path(modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir))
+    target, _ = modeling.base_model_plan(cfg.model, cfg.paths.model_cache_dir)
+    return Path(str(target)) if Path(str(target)).is_dir() else None
+
+
+def cheap_tokenizer(cfg: DictConfig):
+    """The model's tokenizer when the base model is on disk (local_base_model); else None."""
     try:
-        target, build = modeling.base_model_plan(cfg.model, cfg.paths.model_cache_dir)
-        if cfg.model.source == "tiny":
-            target = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
-        elif not Path(target).is_dir():
-            return None
-        return modeling.load_tokenizer(target, cfg.model)
+        folder = local_base_model(cfg)
+        return None if folder is None else modeling.load_tokenizer(folder, cfg.model)
     except Exception as exc:  # the length summary is an extra, never a reason to fail the check
         log.warning("no token-length summary: %s", exc)
         return None
@@ -49,12 +53,8 @@ def model_shape(cfg: DictConfig) -> dict | None:
     if cfg.model.get("arch"):
         return AutoConfig.for_model(**OmegaConf.to_container(cfg.model.arch, resolve=True)).to_dict()
     try:
-        target, _ = modeling.base_model_plan(cfg.model, cfg.paths.model_cache_dir)
-        if cfg.model.source == "tiny":
-            target = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
-        if not Path(str(target)).is_dir():
-            return None
-        return AutoConfig.from_pretrained(target, local_files_only=True).to_dict()
+        folder = local_base_model(cfg)
+        return None if folder is None else AutoConfig.from_pretrained(folder, local_files_only=True).to_dict()
     except Exception as exc:  # the plan is an extra, never a reason to fail the check
         log.warning("no GPU memory plan: %s", exc)
         return None

@@ -16,31 +16,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, layout, setups, stacking
-from pipeline.errors import UserError
+from pipeline import artifacts, layout, stacking
 from pipeline.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
 
-def export_config(cfg: DictConfig, lay: layout.Layout) -> DictConfig:
-    """The command line's config with the stacker's recorded settings, after checking the rest agrees."""
-    model_file = lay.stack / layout.MODEL_FILE
-    if not artifacts.read_state(lay.stack) or not model_file.exists():
-        raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
-    saved = artifacts.read_json(model_file)
-    differ = [key for key, _, _ in artifacts.differing_values(saved["setup"], setups.stack_setup(cfg))]
-    if differ:
-        raise UserError(f"this command line differs from the settings the stacker of {lay.root} was trained with: "
-                        f"{', '.join(differ)}; drop those overrides")
-    stacking.check_recorded_targets(saved["stack"], cfg.stack, model_file)
-    return OmegaConf.merge(cfg, {"stack": saved["stack"], "data": {"test": None}})
-
-
 def run(cfg: DictConfig) -> dict:
     lay = layout.Layout.of(cfg)
     target = Path(cfg.export.dir) if cfg.export.dir else lay.root / "export"
-    predictor = Predictor.from_experiment(lay.root, export_config(cfg, lay))
+    recorded = stacking.with_recorded_stack(cfg, lay, trusted=cfg.stack)
+    predictor = Predictor.from_experiment(lay.root, OmegaConf.merge(recorded, {"data": {"test": None}}))
     metrics = predictor.export(target, cfg.export.model, made_by=["python", "-m", "pipeline", *sys.argv[1:]])
     artifacts.update_metrics(lay.root, "export", metrics)
     print(f"export: {metrics['mode']} classifier and stage two -> {target} ({metrics['size_mb']} MB)")

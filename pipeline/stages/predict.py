@@ -12,30 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline import artifacts, context, extraction, layout, setups, stacking
+from pipeline import artifacts, context, extraction, layout, stacking
 from pipeline.errors import UserError
-
-
-def recorded_config(cfg: DictConfig, lay: layout.Layout) -> DictConfig:
-    """The command line's config with the stacker's recorded settings, after checking the rest agrees. The
-    recorded settings are data: every `_target_` in them must be a classifier the pipeline allows (see
-    stacking.check_recorded_targets), so an edited model.json cannot name code to run."""
-    model_file = lay.stack / layout.MODEL_FILE
-    if not artifacts.read_state(lay.stack) or not model_file.exists():
-        raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
-    try:
-        saved = artifacts.read_json(model_file)
-        recorded_setup, recorded_stack = saved["setup"], saved["stack"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{model_file} is damaged; re-run stage=stack") from None
-    differ = [key for key, _, _ in artifacts.differing_values(recorded_setup, setups.stack_setup(cfg))]
-    if differ:
-        raise UserError(f"this command line differs from the settings the stacker of {lay.root} was trained with: "
-                        f"{', '.join(differ)}; drop those overrides (or re-run stage=all)")
-    stacking.check_recorded_targets(recorded_stack, cfg.stack, model_file)
-    return OmegaConf.merge(cfg, {"stack": recorded_stack})
 
 
 def output_root(cfg: DictConfig, lay: layout.Layout) -> Path:
@@ -52,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.test is None and cfg.data.train is not None:
         raise UserError("stage=predict needs a test file: add data.test=PATH")
     lay = layout.Layout.of(cfg)
-    cfg = recorded_config(cfg, lay)
+    cfg = stacking.with_recorded_stack(cfg, lay, trusted=cfg.stack)
     ctx = context.open_run(cfg, "predict", out_root=output_root(cfg, lay))
     extraction.ensure_test_features(ctx)
     if not ctx.is_main:

@@ -23,12 +23,8 @@ log = logging.getLogger(__name__)
 
 def results_dir(lay: layout.Layout) -> Path:
     """`stack/` in the experiment; under a Hydra multirun, each job's own folder so no job overwrites another."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return layout.Layout(Path(HydraConfig.get().runtime.output_dir)).stack
-    return lay.stack
+    job_dir = context.multirun_job_dir()
+    return lay.stack if job_dir is None else layout.Layout(job_dir).stack
 
 
 def run(cfg: DictConfig) -> dict:
@@ -62,19 +58,14 @@ def run(cfg: DictConfig) -> dict:
 
 
 def save(out: Path, ctx: context.RunContext, result: stacking.StackResult) -> None:
-    """OOF probabilities, the settings stage=predict refits with, and each member's learned numbers per fold
-    (LightGBM boosters as text, linear coefficients as npz; never a pickle). The `length` baseline member's booster
-    keeps its documented name, fold_k/booster.txt."""
+    """OOF probabilities, the settings stage=predict refits with, and each fold's learned numbers (LightGBM boosters
+    as text, linear coefficients and PCA components as npz; never a pickle: stacking.save_fold_model), with the
+    record of each fold (choice, blend, chosen parameters, files) in model.json."""
     artifacts.write_parquet(out / layout.OOF, pd.DataFrame(
         {"id": ctx.train.frame["id"].to_numpy(), "fold": ctx.fold_of, **dict(zip(LABEL_COLUMNS, result.oof.T))}))
     length = result.spec.baselines["length"].name
-    exported = []
-    for k, fold in enumerate(result.folds):
-        files = {}
-        for member in result.spec.members:
-            stem = member.artifact_prefix if member.name == length else f"{member.artifact_prefix}_{member.name}"
-            files[member.name] = member.export(fold.fits[member.name], out / f"fold_{k}", stem)
-        exported.append({name: {"params": fold.fits[name].params, "files": names} for name, names in files.items()})
+    exported = [stacking.save_fold_model(fold.model, out / f"fold_{k}", length, strict=False)
+                for k, fold in enumerate(result.folds)]
     artifacts.write_json(out / layout.MODEL_FILE, {
         "stack": OmegaConf.to_container(ctx.cfg.stack, resolve=True), "n_folds": ctx.n_folds,
         "setup": setups.stack_setup(ctx.cfg), "folds": exported})
