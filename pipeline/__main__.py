@@ -6,6 +6,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -76,9 +77,14 @@ def main(cfg: DictConfig) -> float | None:
         print_error(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
+        # A second interrupt while unwinding (a pending signal, a library re-raising it at shutdown) would end the
+        # process by SIGINT with a traceback: ignore further ones, and leave at once once the line is out. Every
+        # artifact is written atomically, so nothing is lost by skipping the shutdown hooks.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print_error(f"interrupted: stage={cfg.stage} of {cfg.paths.exp_dir} stopped; finished folds and files are "
                     "kept, and re-running the same command resumes from them")
-        sys.exit(130)
+        sys.stdout.flush()
+        os._exit(130)
     except OSError as exc:
         message = os_error_message(exc)
         if message is None:
