@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,9 @@ from pipeline import artifacts, layout, locks, setups
 from pipeline.context import RunContext
 from pipeline.data import swap_probabilities
 from pipeline.features import VectorKey
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_int
 from pipeline.formatting import EncodedPair
-from pipeline.inference import forward_pass, softmax
+from pipeline.inference import LMHead, forward_pass, softmax
 from pipeline.layout import EmbedFoldRecord, Layout
 
 STORAGE_DTYPES = ("float16", "float32")
@@ -55,6 +55,10 @@ def validate(embed_cfg: DictConfig) -> None:
                         "rows, features averaged) or averaged (the fold adapters averaged into one: one pass)")
     if int(embed_cfg.batch_tokens) < 1:
         raise UserError(f"embed.batch_tokens={embed_cfg.batch_tokens}: must be a positive token budget")
+    if embed_cfg.max_length is not None:
+        require_int(embed_cfg.max_length, "embed.max_length", 16)
+    if not isinstance(embed_cfg.lm_features, bool):
+        raise UserError(f"embed.lm_features={embed_cfg.lm_features}: use true or false")
 
 
 def is_current(fold_dir: Path, setup: dict) -> bool:
@@ -95,21 +99,41 @@ class Rows:
 
 
 def encode_rows(tokenizer, frame: pd.DataFrame, cfg: DictConfig) -> Rows:
-    """Encode once; the swapped orientation only when swap TTA needs it."""
+    """Encode once for the scoring passes, at embed.max_length when set (train short, score long: the head and the
+    vectors see whole responses while training stays short); the swapped orientation only when swap TTA needs it."""
     from pipeline.formatting import encode_frame
 
-    return Rows(encode_frame(tokenizer, frame, cfg.model),
-                encode_frame(tokenizer, frame, cfg.model, swap=True) if cfg.embed.swap_tta else None)
+    length = cfg.embed.max_length
+    return Rows(encode_frame(tokenizer, frame, cfg.model, max_length=length),
+                encode_frame(tokenizer, frame, cfg.model, swap=True, max_length=length) if cfg.embed.swap_tta else None)
 
 
 @dataclass
 class PassSettings:
-    """How a feature pass runs: the pad id, the embed settings (layers, pooling, token budget), device and dtype."""
+    """How a feature pass runs: the pad id, the embed settings (layers, pooling, token budget), device and dtype,
+    and the base model's folder (where an untied LM head is read for embed.lm_features)."""
 
     pad_id: int
     embed: DictConfig
     device: torch.device
     dtype: torch.dtype
+    source: Path | str | None = None
+    _lm_head: LMHead | None = field(default=None, repr=False)
+
+    def lm_head(self, model) -> LMHead | None:
+        """The LM head for the likelihood features (read once; None without embed.lm_features)."""
+        if not self.embed.lm_features:
+            return None
+        if self._lm_head is None:
+            from pipeline.modeling import output_embeddings
+
+            weight = output_embeddings(model, self.source)
+            if weight is None:
+                raise UserError(f"embed.lm_features=true needs the LM head, and {self.source} has no lm_head.weight "
+                                "(nor tied embeddings); set embed.lm_features=false for this model")
+            softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 caps its LM logits
+            self._lm_head = LMHead(weight.to(self.device, torch.float32), softcap)
+        return self._lm_head
 
 
 def _orient(vectors: dict[tuple[str, str], np.ndarray], orientation: str,
@@ -132,7 +156,8 @@ def pass_features(model, rows: Rows, settings: PassSettings, desc: str = "") -> 
     def one_pass(encoded: list[EncodedPair], name: str):
         return forward_pass(model, encoded, settings.pad_id, int(embed_cfg.batch_tokens), settings.device,
                             settings.dtype, layers=list(embed_cfg.layers), pooling=embed_cfg.pooling,
-                            padding_side=embed_cfg.padding_side, desc=f"{desc} {name}".strip())
+                            padding_side=embed_cfg.padding_side, desc=f"{desc} {name}".strip(),
+                            lm_head=settings.lm_head(model))
 
     orientations = [("fwd", rows.encoded)] + ([("swp", rows.swapped)] if rows.swapped is not None else [])
     out: dict[str, np.ndarray] = {}
@@ -369,7 +394,7 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
         return
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    settings = PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype)
+    settings = PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source)
     train_rows = encode_rows(tokenizer, ctx.train.frame, cfg) if train_folds else None
     test_rows = encode_rows(tokenizer, ctx.test.frame, cfg) if test_passes else None
     model = modeling.load_classifier(source, cfg.model, tokenizer, ctx.dtype, ctx.device)

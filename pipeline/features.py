@@ -59,6 +59,11 @@ def rule_matrix(responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequ
 SPANS = ("prompt", "a", "b", "verdict")    # what a pass pools (inference.forward_pass)
 ORIENTATIONS = ("fwd", "swp")               # prompt|A|B, and prompt|B|A with swap TTA
 BASE_PREFIX = "base_"                       # vectors of the base model with the adapter disabled
+# The LM's own view of each span (embed.lm_features): stored like vectors, as `[base_]lm_{span}_{orientation}`
+# columns of width 2 (mean token log-likelihood, mean entropy), so they mirror under a swap the same way.
+LM_LAYER = "lm"
+LM_SPANS = ("prompt", "a", "b")
+LM_STATS = ("loglik", "entropy")
 
 
 @dataclass(frozen=True)
@@ -210,4 +215,23 @@ def similarity_frame(vectors: dict[str, np.ndarray], layers: Sequence[str], orie
         columns.update({f"{layer}_cos_pa": cos_pa, f"{layer}_cos_pb": cos_pb, f"{layer}_cos_pa_minus_pb": cos_pa - cos_pb,
                         f"{layer}_cos_ab": _cosine(a, b), f"{layer}_norm_a": norm_a, f"{layer}_norm_b": norm_b,
                         f"{layer}_norm_a_minus_b": norm_a - norm_b})
+    return pd.DataFrame(columns)
+
+
+def likelihood_frame(vectors: dict[str, np.ndarray], orientations: Sequence[str]) -> pd.DataFrame:
+    """The LM's own view of the pair, per model present (fine-tuned, and `base_` with embed.base_vectors): each
+    response's mean token log-likelihood and entropy (averaged over the chosen orientations: in prompt|A|B response_b
+    is read after response_a), their A-B differences, and the prompt's. Under an A/B swap a and b exchange, the
+    differences change sign and the prompt's stay."""
+    columns = {}
+    prefixes = [p for p in ("", BASE_PREFIX) if any(str(VectorKey(LM_LAYER, "a", o, base=p == BASE_PREFIX)) in vectors
+                                                   for o in orientations)]
+    if not prefixes:
+        raise KeyError("no LM likelihood columns (lm_a_fwd ...) in the embed features")
+    for prefix in prefixes:
+        a, b, prompt = (_orientation_mean(vectors, LM_LAYER, span, orientations, prefix) for span in ("a", "b", "prompt"))
+        for j, stat in enumerate(LM_STATS):
+            name = f"{prefix}lm_{stat}"
+            columns.update({f"{name}_a": a[:, j], f"{name}_b": b[:, j], f"{name}_a_minus_b": a[:, j] - b[:, j],
+                            f"{name}_prompt": prompt[:, j]})
     return pd.DataFrame(columns)

@@ -58,12 +58,19 @@ def allocate_budget(lengths: Sequence[int], total: int, caps: Sequence[int | Non
     return alloc
 
 
+TRUNCATION_SIDES = ("left", "right", "head_tail")
+
+
 def truncate(ids: Sequence[int], keep: int, side: str) -> list[int]:
-    """Keep `keep` tokens: `left` truncation drops the start (keeps the end), `right` drops the end."""
+    """Keep `keep` tokens: `left` truncation drops the start (keeps the end), `right` drops the end, `head_tail`
+    drops the middle (keeps the first half and the last half: how a response opens and how it concludes)."""
     if keep >= len(ids):
         return list(ids)
     if keep <= 0:
         return []
+    if side == "head_tail":
+        head = (keep + 1) // 2
+        return list(ids[:head]) + list(ids[len(ids) - (keep - head):])
     return list(ids[-keep:]) if side == "left" else list(ids[:keep])
 
 
@@ -72,8 +79,8 @@ def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_i
              prefix_ids: Sequence[int] = ()) -> EncodedPair:
     """Concatenate the prefix (the tokenizer's BOS, if it adds one), markers and budgeted segments; return ids and
     the spans."""
-    if truncation_side not in ("left", "right"):
-        raise UserError(f"model.truncation_side={truncation_side}: use left or right")
+    if truncation_side not in TRUNCATION_SIDES:
+        raise UserError(f"model.truncation_side={truncation_side}: use one of {', '.join(TRUNCATION_SIDES)}")
     fixed = len(prefix_ids) + sum(len(m) for m in marker_ids)
     available = max_length - fixed
     if available < 3:
@@ -128,9 +135,10 @@ def leading_special_ids(tokenizer) -> list[int]:
                     "special tokens; the pipeline cannot tell where its BOS ends")
 
 
-def encode_frame(tokenizer, frame, model_cfg, swap: bool = False) -> list[EncodedPair]:
-    """Encode tidy rows (see pipeline.data) with the model's formatting settings; `swap` exchanges A and B."""
+def encode_frame(tokenizer, frame, model_cfg, swap: bool = False, max_length: int | None = None) -> list[EncodedPair]:
+    """Encode tidy rows (see pipeline.data) with the model's formatting settings; `swap` exchanges A and B;
+    `max_length` replaces model.max_length (the scoring passes' own length, embed.max_length)."""
     first, second = ("response_b", "response_a") if swap else ("response_a", "response_b")
     return encode_pairs(tokenizer_fn(tokenizer), list(frame["prompt"]), list(frame[first]), list(frame[second]),
-                        model_cfg.max_length, model_cfg.prompt_max_fraction, model_cfg.truncation_side,
-                        leading_special_ids(tokenizer))
+                        int(max_length or model_cfg.max_length), model_cfg.prompt_max_fraction,
+                        model_cfg.truncation_side, leading_special_ids(tokenizer))

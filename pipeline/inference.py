@@ -14,16 +14,60 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.features import SPANS  # pooled per captured layer; verdict = the row's last token (sees all)
+from pipeline.features import LM_LAYER, LM_SPANS, SPANS  # pooled per captured layer; verdict = the last token
 from pipeline.formatting import EncodedPair
 
-
+LM_CHUNK = 1024  # positions per LM-head matmul: chunk x vocab fp32 logits stay ~200 MB for a 49k vocabulary
 
 
 @dataclass
 class PassOutput:
     logits: np.ndarray                                               # (n, 3) float32
     vectors: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (layer, span) -> (n, hidden) float32
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The LM head the likelihood features read (vocab x hidden; see modeling.output_embeddings) and Gemma-2's
+    final logit soft-cap (None elsewhere)."""
+
+    weight: torch.Tensor
+    softcap: float | None = None
+
+
+def span_likelihoods(hidden: torch.Tensor, ids: torch.Tensor, spans: Sequence[Sequence[tuple[int, int]]],
+                     lm_head: LMHead) -> np.ndarray:
+    """(batch, len(spans[0]), 2): per row and span, the mean log-likelihood the LM gives the span's tokens (each
+    predicted from the position before it, so from everything earlier in the pair) and the mean entropy of those
+    predictions. `hidden` is the final norm's output (what the LM head reads); an empty span gives zeros."""
+    rows, positions, targets, slots = [], [], [], []
+    n_spans = len(spans[0])
+    for j, row_spans in enumerate(spans):
+        for s, (start, end) in enumerate(row_spans):
+            first = max(start, 1)
+            rows += [j] * (end - first)
+            positions += range(first - 1, end - 1)
+            targets += ids[j, first:end].tolist()
+            slots += [j * n_spans + s] * (end - first)
+    sums = torch.zeros((len(spans) * n_spans, 2), dtype=torch.float64)
+    counts = torch.zeros(len(spans) * n_spans, dtype=torch.float64)
+    weight = lm_head.weight.to(hidden.device, torch.float32)  # log-probabilities of bf16 logits are too coarse
+    on = hidden.device
+    for lo in range(0, len(rows), LM_CHUNK):
+        part = slice(lo, lo + LM_CHUNK)
+        h = hidden[torch.as_tensor(rows[part], device=on), torch.as_tensor(positions[part], device=on)]
+        logits = h.float() @ weight.T
+        if lm_head.softcap:
+            logits = torch.tanh(logits / lm_head.softcap) * lm_head.softcap
+        logp = torch.log_softmax(logits, dim=-1)
+        loglik = logp.gather(1, torch.as_tensor(targets[part], device=on)[:, None])[:, 0]
+        entropy = -(logp.exp() * logp).sum(-1)
+        slot = torch.as_tensor(slots[part])
+        sums.index_add_(0, slot, torch.stack([loglik, entropy], 1).double().cpu())
+        counts.index_add_(0, slot, torch.ones(len(slot), dtype=torch.float64))
+    means = sums / counts.clamp(min=1)[:, None]
+    return means.reshape(len(spans), n_spans, 2).float().numpy()
+
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
@@ -103,18 +147,19 @@ def capture_module(model, fraction: float):
 @torch.inference_mode()
 def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_tokens: int, on: torch.device,
                  dtype: torch.dtype, layers: Sequence[float] = (), pooling: str = "mean",
-                 padding_side: str = "right", max_rows: int | None = None, desc: str | None = None) -> PassOutput:
+                 padding_side: str = "right", max_rows: int | None = None, desc: str | None = None,
+                 lm_head: LMHead | None = None) -> PassOutput:
     """Logits for every row and, for each layer fraction in `layers`, the prompt / response_a / response_b spans
     pooled (mean or last token) and the verdict vector (the last token), all from the same pass: forward hooks
-    keep only the captured layers' outputs."""
+    keep only the captured layers' outputs. With `lm_head`, also the LM's mean log-likelihood and entropy of each
+    span's tokens (vectors[("lm", span)], see span_likelihoods), from the final norm's output of the same pass."""
     n = len(encoded)
     logits = np.zeros((n, 3), dtype=np.float32)
     vectors: dict[tuple[str, str], np.ndarray] = {}
     captured: dict[str, torch.Tensor] = {}
     handles = []
-    for fraction in layers:
-        name = layer_name(fraction)
-
+    final = "final_norm"  # the LM head's input, kept apart from the pooled layers
+    for name, fraction in [(layer_name(f), f) for f in layers] + ([(final, 1.0)] if lm_head is not None else []):
         def keep_output(_module, _inputs, output, name=name):
             captured[name] = output[0] if isinstance(output, tuple) else output
         handles.append(capture_module(model, fraction).register_forward_hook(keep_output))
@@ -134,6 +179,12 @@ def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_token
                          [shift(r.span_a, o) for r, o in zip(rows, offsets)],
                          [shift(r.span_b, o) for r, o in zip(rows, offsets)],
                          [(o + len(r.input_ids) - 1, o + len(r.input_ids)) for r, o in zip(rows, offsets)]]
+            if lm_head is not None:
+                lm_spans = [[span_sets[SPANS.index(s)][j] for s in LM_SPANS] for j in range(len(batch))]
+                stats = span_likelihoods(captured.pop(final), ids, lm_spans, lm_head)
+                for s, span in enumerate(LM_SPANS):
+                    vectors.setdefault((LM_LAYER, span), np.zeros((n, stats.shape[-1]), dtype=np.float32))[batch] = \
+                        stats[:, s]
             # (batch, spans, width): one batched matmul per layer pools every span at once.
             weights = torch.stack([span_weights(spans, width, pooling if s < 3 else "last")
                                    for s, spans in enumerate(span_sets)], dim=1)

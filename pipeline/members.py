@@ -29,7 +29,7 @@ from pipeline.data import swap_label, swap_probabilities
 from pipeline.errors import UserError
 from pipeline.scoring import logloss
 
-GROUPS = ("text", "rules", "head", "summary", "vectors")
+GROUPS = ("text", "rules", "head", "summary", "vectors", "likelihood")
 InnerSplits = list[tuple[np.ndarray, np.ndarray]]
 
 

@@ -104,9 +104,10 @@ def lora_params(shape: ModelShape, r: int, targets) -> int:
 
 def plan(shape: ModelShape, quantization: str, weight_bytes: int, lora_r: int, lora_targets, max_length: int,
          per_device_batch_size: int, gradient_checkpointing: bool, eager_attention: bool, batch_tokens: int,
-         captured_layers: int, gpu_memory_gb: float) -> MemoryPlan:
+         captured_layers: int, gpu_memory_gb: float, scoring_length: int | None = None) -> MemoryPlan:
     """The memory one device needs to fine-tune (at `per_device_batch_size` rows of `max_length` tokens) and to
-    score (`batch_tokens` per batch), and the largest batch that fits `gpu_memory_gb`."""
+    score (`batch_tokens` per batch of rows up to `scoring_length` tokens, embed.max_length; default max_length),
+    and the largest batch that fits `gpu_memory_gb`."""
     per_weight = WEIGHT_BYTES.get(quantization, weight_bytes)
     weights = (shape.linear_params * per_weight + shape.other_params * weight_bytes) / GB
     trainable = lora_params(shape, lora_r, lora_targets) + 3 * shape.hidden
@@ -117,8 +118,10 @@ def plan(shape: ModelShape, quantization: str, weight_bytes: int, lora_r: int, l
     checkpointed_row = shape.hidden * max_length * ACTIVATION_BYTES * shape.layers / GB + 2 * layer_row
     per_row = checkpointed_row if gradient_checkpointing else full_row
     # One layer's activations for a batch of `batch_tokens` tokens, and the captured layers' fp32 hidden states.
-    scoring = (batch_tokens * shape.activation_elements_per_token_layer(eager_attention, max_length)
-               * ACTIVATION_BYTES + captured_layers * batch_tokens * shape.hidden * 4) / GB
+    scoring_length = scoring_length or max_length
+    scoring_tokens = max(batch_tokens, scoring_length)  # a batch holds at least one row
+    scoring = (scoring_tokens * shape.activation_elements_per_token_layer(eager_attention, scoring_length)
+               * ACTIVATION_BYTES + captured_layers * scoring_tokens * shape.hidden * 4) / GB
 
     def total(batch: int) -> float:
         return max(weights + lora + batch * per_row, weights + scoring) + CONTEXT_GB

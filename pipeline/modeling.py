@@ -336,20 +336,34 @@ def attach_adapter(model, adapter_dir: Path, name: str):
     return model
 
 
-def verdict_token_rows(model, tokenizer, source: Path | str, words: list[str]) -> torch.Tensor:
-    """The LM's output-embedding rows of the verdict words' first tokens: h . row is the LM's own logit for that
-    word after the verdict marker. Tied models (SmolLM2) share them with the input embeddings; untied ones keep
-    `lm_head.weight` in the checkpoint, which the classifier does not load, so it is read from the safetensors."""
-    ids = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
-    if not getattr(model.config, "tie_word_embeddings", False) and Path(str(source)).is_dir():
+def output_embeddings(model, source: Path | str, ids: list[int] | None = None) -> torch.Tensor | None:
+    """The LM head's rows (all, or those of `ids`): h . row is the LM's logit for that token. Tied models (SmolLM2,
+    Gemma-2) share them with the input embeddings; untied ones (Llama-3-8B, Qwen2-7B) keep `lm_head.weight` in the
+    checkpoint, which the classifier does not load, so it is read from the safetensors. None when the checkpoint
+    has none."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        weight = model.get_input_embeddings().weight
+        return (weight if ids is None else weight[ids]).detach()
+    if Path(str(source)).is_dir():
         from safetensors import safe_open
 
         for shard in sorted(Path(str(source)).glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as handle:
                 if "lm_head.weight" in handle.keys():
-                    return handle.get_slice("lm_head.weight")[ids].float()
+                    rows = handle.get_slice("lm_head.weight")
+                    return rows[:] if ids is None else rows[ids]
+    return None
+
+
+def verdict_token_rows(model, tokenizer, source: Path | str, words: list[str]) -> torch.Tensor:
+    """The LM's output-embedding rows of the verdict words' first tokens: h . row is the LM's own logit for that
+    word after the verdict marker (see output_embeddings)."""
+    ids = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words]
+    rows = output_embeddings(model, source, ids)
+    if rows is None:
         log.warning("no lm_head.weight in %s: the head starts from the input embeddings of %s", source, words)
-    return model.get_input_embeddings().weight[ids].detach().float()
+        rows = model.get_input_embeddings().weight[ids].detach()
+    return rows.float()
 
 
 def init_head_from_verdict_tokens(model, tokenizer, source: Path | str, words: list[str]) -> None:

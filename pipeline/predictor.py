@@ -165,7 +165,7 @@ class Predictor:
     def _features(self, data: PairData) -> PairFeatures:
         tokenizer = self.tokenizer
         rows = extraction.encode_rows(tokenizer, data.frame, self.cfg)
-        settings = extraction.PassSettings(tokenizer.pad_token_id, self.cfg.embed, self.device, self.dtype)
+        settings = extraction.PassSettings(tokenizer.pad_token_id, self.cfg.embed, self.device, self.dtype, self.source)
         model = modeling.load_classifier(self.source, self.cfg.model, tokenizer, self.dtype, self.device)
         dtype = self.cfg.embed.storage_dtype
         passes = []
@@ -194,6 +194,12 @@ class Predictor:
         if mode == "merged" and self.spec.vectors.source == "base":
             raise UserError("export.model=merged cannot give the base model's vectors (stack.vectors.source=base); "
                             "use export.model=adapters")
+        base_likelihoods = self.cfg.embed.lm_features and self.cfg.embed.base_vectors and \
+            any("likelihood" in m.groups for m in [*self.spec.members, *self.spec.baselines.values()])
+        if mode == "merged" and base_likelihoods:
+            raise UserError("export.model=merged cannot give the base model's span likelihoods (the stacker's "
+                            "likelihood group reads them: embed.lm_features and embed.base_vectors); use "
+                            "export.model=adapters")
         folder = Path(folder)
         staging = artifacts.staging_dir(folder)
         length = self.spec.baselines["length"].name

@@ -11,17 +11,23 @@ FINETUNE_OPERATIONAL = ("logging_steps", "save_steps", "report_to", "dataloader_
 EMBED_OPERATIONAL = ("batch_tokens", "padding_side")
 # Embed settings that change only the test features (never the OOF features or what the stacker learns from).
 EMBED_TEST_ONLY = ("test_adapters",)
+# Settings added after experiments were made, with the value that computes what those experiments computed: at that
+# value a setting is left out of the hashes, so finished work stays valid; any other value is hashed as usual.
+ADDED_LATER = {"finetune": {"train": True, "init_adapter": None},
+               "embed": {"max_length": None, "lm_features": False}}
 
 
-def _learned(node: DictConfig, operational: tuple[str, ...]) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in operational}
+def _learned(cfg: DictConfig, group: str, operational: tuple[str, ...]) -> dict:
+    neutral = ADDED_LATER.get(group, {})
+    return {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
+            if k not in operational and not (k in neutral and v == neutral[k])}
 
 
 def finetune_settings(cfg: DictConfig) -> dict:
     """The model, formatting and fine-tune settings a fold's adapter depends on (hashed into its setup; recorded
     beside it so a mismatch can be told key by key)."""
     return {"model": OmegaConf.to_container(cfg.model, resolve=True),
-            "finetune": _learned(cfg.finetune, FINETUNE_OPERATIONAL), "cv_group_by": cfg.cv.group_by}
+            "finetune": _learned(cfg, "finetune", FINETUNE_OPERATIONAL), "cv_group_by": cfg.cv.group_by}
 
 
 def finetune_setup(cfg: DictConfig) -> dict:
@@ -37,7 +43,7 @@ def finetune_setup(cfg: DictConfig) -> dict:
                                                                                   cfg.paths.model_cache_dir)),
             # The hash input is kept as it always was, so finished experiments stay valid.
             "config_hash": artifacts.config_hash({"model": cfg.model,
-                                                  "finetune": _learned(cfg.finetune, FINETUNE_OPERATIONAL),
+                                                  "finetune": _learned(cfg, "finetune", FINETUNE_OPERATIONAL),
                                                   "cv_group_by": cfg.cv.group_by})}
 
 
@@ -45,7 +51,7 @@ def embed_setup(cfg: DictConfig, finetune_state: dict) -> dict:
     """What finished embed folds must agree with: the adapters they read (the finetune setup, which covers the
     model, formatting and data), and every result-changing embed setting."""
     return {"seed": int(cfg.seed), "finetune": finetune_state["config_hash"], "data": finetune_state["data"],
-            "config_hash": artifacts.config_hash(_learned(cfg.embed, EMBED_OPERATIONAL + EMBED_TEST_ONLY))}
+            "config_hash": artifacts.config_hash(_learned(cfg, "embed", EMBED_OPERATIONAL + EMBED_TEST_ONLY))}
 
 
 def test_setup(cfg: DictConfig, finetune_state: dict) -> dict:
@@ -56,6 +62,6 @@ def test_setup(cfg: DictConfig, finetune_state: dict) -> dict:
 def stack_setup(cfg: DictConfig) -> dict:
     """Every setting that decides what the stacker learned from; stage=predict must run with the same."""
     return {"model": OmegaConf.to_container(cfg.model, resolve=True),
-            "embed": _learned(cfg.embed, EMBED_OPERATIONAL + EMBED_TEST_ONLY),
+            "embed": _learned(cfg, "embed", EMBED_OPERATIONAL + EMBED_TEST_ONLY),
             "cv": OmegaConf.to_container(cfg.cv, resolve=True), "seed": int(cfg.seed),
             "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train)}

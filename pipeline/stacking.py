@@ -30,8 +30,8 @@ from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS
 from pipeline.errors import UserError, require_int, require_number
 from pipeline.layout import Layout
-from pipeline.features import (BASE_PREFIX, ORIENTATIONS, VECTOR_BLOCKS, PairInputs, VectorKey, feature_frame,
-                               similarity_frame, text_inputs, vector_blocks)
+from pipeline.features import (BASE_PREFIX, LM_LAYER, ORIENTATIONS, VECTOR_BLOCKS, PairInputs, VectorKey,
+                               feature_frame, likelihood_frame, similarity_frame, text_inputs, vector_blocks)
 from pipeline.members import GROUPS, Design, Member, MemberFit, member_from_config
 from pipeline.scoring import accuracy, fold_prior, logloss
 
@@ -50,7 +50,7 @@ def stacker_inputs(frame: pd.DataFrame, matrices: dict[str, np.ndarray]) -> Pair
 def available_layers(matrices: dict[str, np.ndarray], base: bool = False) -> list[str]:
     """The layers whose vectors a feature table holds (the base model's with `base`)."""
     keys = [VectorKey.parse(name) for name in matrices if VectorKey.is_vector(name)]
-    return sorted({key.layer for key in keys if key.base == base})
+    return sorted({key.layer for key in keys if key.base == base and key.layer != LM_LAYER})
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,12 @@ def group_frame(pair: PairInputs, group: str, vectors: dict, reducers: dict[str,
         return _head_frame(pair)
     if group == "summary":
         return similarity_frame(pair.vectors, vectors["layers"], vectors["orientations"], vectors["prefix"])
+    if group == "likelihood":
+        try:
+            return likelihood_frame(pair.vectors, vectors["orientations"])
+        except KeyError:
+            raise UserError("the stack group `likelihood` reads the LM's span likelihoods, which the embed features "
+                            "lack; run stage=embed with embed.lm_features=true") from None
     if group == "vectors":
         blocks = vector_blocks(pair.vectors, vectors["layers"], vectors["kinds"], vectors["orientations"],
                                vectors["prefix"])

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from pipeline import extraction, modeling, stacking
 from pipeline.errors import UserError, require_int, require_number
+from pipeline.formatting import TRUNCATION_SIDES
 from pipeline.predictor import EXPORT_MODES
 
 
@@ -22,8 +23,8 @@ def validate_model(model_cfg: DictConfig, loads_model: bool = True) -> None:
         raise UserError(f"model.precision={model_cfg.precision}: use auto, bf16, fp16 or fp32")
     require_int(model_cfg.max_length, "model.max_length", 16)
     require_number(model_cfg.prompt_max_fraction, "model.prompt_max_fraction", 0.0, 1.0)
-    if model_cfg.truncation_side not in ("left", "right"):
-        raise UserError(f"model.truncation_side={model_cfg.truncation_side}: use left or right")
+    if model_cfg.truncation_side not in TRUNCATION_SIDES:
+        raise UserError(f"model.truncation_side={model_cfg.truncation_side}: use one of {', '.join(TRUNCATION_SIDES)}")
     if model_cfg.path:
         path = Path(str(model_cfg.path))
         looks_local = path.is_absolute() or str(model_cfg.path).startswith((".", "~")) or path.exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from pipeline import artifacts, extraction, inputs, layout, modeling
 from pipeline.data import load_pairs
@@ -189,3 +190,88 @@ def test_embed_refuses_a_train_file_with_other_contents(tiny_experiment, tmp_pat
                            f"data.train={tmp_path / 'swapped.csv'}", f"data.test={inputs.data_paths(cfg).test}"])
     with pytest.raises(UserError, match="data.train differs"):
         embed.run(changed)
+
+
+def test_lm_likelihoods_match_the_causal_lm_by_hand(fold_model, tiny_experiment):
+    """The likelihood features from the classifier's own pass equal what the LM head gives on output_hidden_states:
+    each span token's log-probability predicted from the position before it, and those predictions' entropy,
+    averaged over the span; padding and batch composition do not change them."""
+    from pipeline.inference import LMHead
+
+    model, tokenizer, encoded, _ = fold_model
+    cfg = tiny_experiment[0]
+    # The tiny Llama is untied: its LM head is read from the checkpoint, which the classifier does not load.
+    weight = modeling.output_embeddings(model, modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir))
+    assert weight is not None and not model.config.tie_word_embeddings
+    head = LMHead(weight.float())
+    on = torch.device("cpu")
+    outs = [forward_pass(model, encoded, tokenizer.pad_token_id, budget, on, torch.float32, lm_head=head,
+                         padding_side=side) for budget, side in ((10_000, "right"), (300, "left"))]
+    assert set(outs[0].vectors) == {("lm", span) for span in ("prompt", "a", "b")}
+    for i, enc in enumerate(encoded):
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([enc.input_ids]), output_hidden_states=True).hidden_states[-1][0]
+        logp = torch.log_softmax(hidden @ head.weight.T, dim=-1)
+        for span, (start, end) in (("a", enc.span_a), ("b", enc.span_b), ("prompt", enc.span_prompt)):
+            targets = torch.tensor(enc.input_ids[start:end])
+            rows = logp[start - 1: end - 1]
+            expected = [rows.gather(1, targets[:, None]).mean().item(), -(rows.exp() * rows).sum(-1).mean().item()]
+            for out in outs:
+                np.testing.assert_allclose(out.vectors["lm", span][i], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_head_tail_truncation_keeps_both_ends_and_a_long_scoring_pass_keeps_whole_responses(tiny_cfg):
+    """head_tail keeps a truncated response's first and last tokens (the span holds exactly those); the scoring
+    passes at embed.max_length (extraction.encode_rows) see responses the training length cuts, with exact spans."""
+    cfg = tiny_cfg("model.max_length=150", "model.truncation_side=head_tail", "embed.max_length=2000",
+                   "embed.swap_tta=true")
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame
+    cut = 0
+    for enc, a, b in zip(encode_frame(tokenizer, frame, cfg.model), frame["response_a"], frame["response_b"]):
+        for span, turns in ((enc.span_a, a), (enc.span_b, b)):
+            kept = enc.input_ids[slice(*span)]
+            full = tokenizer(segment_text(turns), add_special_tokens=False)["input_ids"]
+            head = (len(kept) + 1) // 2
+            assert kept == full[:head] + full[len(full) - (len(kept) - head):]
+            cut += len(kept) < len(full)
+    assert cut > 0
+    rows = extraction.encode_rows(tokenizer, frame, cfg)
+    for enc, swapped, a, b in zip(rows.encoded, rows.swapped, frame["response_a"], frame["response_b"]):
+        assert tokenizer.decode(enc.input_ids[slice(*enc.span_a)]) == segment_text(a)
+        assert tokenizer.decode(enc.input_ids[slice(*enc.span_b)]) == segment_text(b)
+        assert tokenizer.decode(swapped.input_ids[slice(*swapped.span_a)]) == segment_text(b)
+    assert max(len(e.input_ids) for e in rows.encoded) > 150
+
+
+def test_long_scoring_pass_with_lm_features_reuses_the_adapters_and_feeds_the_likelihood_member(tiny_experiment,
+                                                                                                tmp_path):
+    """embed.max_length / embed.lm_features on a finished experiment: the adapters are reused (no retraining), the
+    features are made again at the new length with `lm_*` columns of both models, and stage two reads them; the
+    defaults of the new settings leave finished work current (nothing refreshed)."""
+    import shutil
+
+    from pipeline.stages import embed
+
+    cfg, exp, _ = tiny_experiment
+    copy = tmp_path / cfg.exp_name
+    shutil.copytree(exp, copy)
+    shutil.copytree(exp.parent / "demo_data", tmp_path / "demo_data")
+
+    def at(**settings):
+        again = cfg.copy()
+        again.paths.output_dir, again.paths.exp_dir = str(tmp_path), str(copy)
+        for key, value in settings.items():
+            OmegaConf.update(again, key.replace("__", "."), value)
+        return again
+
+    assert embed.run(at())["refreshed_folds"] == []
+    long_ = {"embed__max_length": 512, "embed__lm_features": True, "embed__base_vectors": True}
+    long = at(**long_)
+    assert embed.run(long)["refreshed_folds"] == list(range(cfg.cv.n_folds))
+    columns = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
+    assert {f"{p}lm_{s}_{o}" for p in ("", "base_") for s in ("prompt", "a", "b") for o in ("fwd", "swp")} <= set(columns)
+    assert columns["lm_a_fwd"].shape[1] == 2 and np.isfinite(columns["lm_a_fwd"]).all()
+    stacked = stack.run(at(**long_, stack__blend_members=["head", "text", "likelihood"]))
+    assert np.isfinite(stacked["oof_logloss"])

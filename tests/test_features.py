@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.features import (SPANS, PairInputs, TEXT_STATS, VectorKey, feature_frame, rule_matrix, similarity_frame,
-                               text_inputs, text_stats, vector_blocks)
+from pipeline.features import (SPANS, PairInputs, TEXT_STATS, VectorKey, feature_frame, likelihood_frame, rule_matrix,
+                               similarity_frame, text_inputs, text_stats, vector_blocks)
 
 
 def test_text_stats_counts_markdown():
@@ -153,3 +153,44 @@ def test_similarity_summaries_mirror_and_name_their_side():
     same = similarity_frame(vectors, ["h050"], ["fwd", "swp"])
     np.testing.assert_allclose(same["h050_cos_pa"], 1.0, atol=1e-6)
     assert (same["h050_cos_pb"] < 0.99).all()
+
+
+def lm_columns(orientations=("fwd", "swp"), prefixes=("", "base_"), seed=1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"{p}lm_{span}_{o}": rng.normal(size=(12, 2)) for p in prefixes for span in ("prompt", "a", "b")
+            for o in orientations}
+
+
+def test_likelihood_features_mirror_under_swap():
+    """Each response's log-likelihood and entropy exchange with the other's, A-B differences change sign and the
+    prompt's stay, for the fine-tuned and the base model's columns alike."""
+    pair = PairInputs(vectors={**raw_vectors(), **lm_columns()})
+    original = likelihood_frame(pair.vectors, ["fwd", "swp"])
+    swapped = likelihood_frame(pair.swapped().vectors, ["fwd", "swp"])
+    assert list(original.columns) == list(swapped.columns) and len(original.columns) == 2 * 2 * 4
+    for column in original.columns:
+        if column.endswith("_a_minus_b"):
+            np.testing.assert_allclose(swapped[column], -original[column])
+        elif column.endswith(("_a", "_b")):
+            np.testing.assert_allclose(swapped[column], original[column[:-1] + {"a": "b", "b": "a"}[column[-1]]])
+        else:
+            assert column.endswith("_prompt")
+            np.testing.assert_allclose(swapped[column], original[column])
+
+
+def test_likelihood_features_read_response_a_for_a():
+    vectors = lm_columns(prefixes=("",))
+    for o in ("fwd", "swp"):
+        vectors[f"lm_a_{o}"][:] = [-1.0, 2.0]
+        vectors[f"lm_b_{o}"][:] = [-3.0, 0.5]
+    frame = likelihood_frame(vectors, ["fwd", "swp"])
+    assert (frame["lm_loglik_a"] == -1).all() and (frame["lm_loglik_a_minus_b"] == 2).all()
+    assert (frame["lm_entropy_b"] == 0.5).all() and not any(c.startswith("base_") for c in frame.columns)
+
+
+def test_likelihood_columns_are_not_a_vector_layer():
+    """`lm_*` columns parse as vector keys (so they mirror) but never feed the vectors / summary groups."""
+    from pipeline.stacking import available_layers
+
+    assert available_layers({**raw_vectors(), **lm_columns()}) == ["h050"]
+    assert available_layers({**raw_vectors(), **lm_columns()}, base=True) == ["h050"]

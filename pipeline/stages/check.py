@@ -70,7 +70,8 @@ def memory_plan(cfg: DictConfig) -> memory.MemoryPlan | None:
     return memory.plan(memory.ModelShape.from_config(config), cfg.model.quantization, weight_bytes,
                        int(cfg.finetune.lora.r), cfg.finetune.lora.get("target_modules"), int(cfg.model.max_length),
                        int(cfg.finetune.per_device_batch_size), bool(cfg.model.gradient_checkpointing), eager,
-                       int(cfg.embed.batch_tokens), len(cfg.embed.layers), float(cfg.check.gpu_memory_gb))
+                       int(cfg.embed.batch_tokens), len(cfg.embed.layers), float(cfg.check.gpu_memory_gb),
+                       scoring_length=cfg.embed.max_length)
 
 
 def summarise(data: PairData, tokenizer, max_length: int) -> dict:

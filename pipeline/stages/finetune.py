@@ -256,9 +256,13 @@ def setup(cfg: DictConfig) -> FinetuneRun:
     if cfg.finetune.swap_augmentation or cfg.embed.swap_tta:
         rows.swapped = encode_frame(tokenizer, ctx.train.frame, cfg.model, swap=True)
     score_test = ctx.test is not None and cfg.embed.test_adapters == "each"
-    return FinetuneRun(ctx, source, tokenizer, rows, rows if cfg.embed.swap_tta else extraction.Rows(rows.encoded, None),
+    if cfg.embed.max_length not in (None, cfg.model.max_length):  # train short, score long
+        scoring_rows = extraction.encode_rows(tokenizer, ctx.train.frame, cfg)
+    else:
+        scoring_rows = rows if cfg.embed.swap_tta else extraction.Rows(rows.encoded, None)
+    return FinetuneRun(ctx, source, tokenizer, rows, scoring_rows,
                        extra_training_rows(ctx, tokenizer), setup_, settings, setups.embed_setup(cfg, setup_),
-                       extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype),
+                       extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source),
                        extraction.test_folder(ctx, setup_) if score_test else None)
 
 
