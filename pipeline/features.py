@@ -218,20 +218,15 @@ def similarity_frame(vectors: dict[str, np.ndarray], layers: Sequence[str], orie
     return pd.DataFrame(columns)
 
 
-def likelihood_frame(vectors: dict[str, np.ndarray], orientations: Sequence[str]) -> pd.DataFrame:
-    """The LM's own view of the pair, per model present (fine-tuned, and `base_` with embed.base_vectors): each
+def likelihood_frame(vectors: dict[str, np.ndarray], orientations: Sequence[str], prefix: str = "") -> pd.DataFrame:
+    """The LM's own view of the pair (the fine-tuned model's, or the base model's with prefix `base_`): each
     response's mean token log-likelihood and entropy (averaged over the chosen orientations: in prompt|A|B response_b
     is read after response_a), their A-B differences, and the prompt's. Under an A/B swap a and b exchange, the
     differences change sign and the prompt's stay."""
+    a, b, prompt = (_orientation_mean(vectors, LM_LAYER, span, orientations, prefix) for span in ("a", "b", "prompt"))
     columns = {}
-    prefixes = [p for p in ("", BASE_PREFIX) if any(str(VectorKey(LM_LAYER, "a", o, base=p == BASE_PREFIX)) in vectors
-                                                   for o in orientations)]
-    if not prefixes:
-        raise KeyError("no LM likelihood columns (lm_a_fwd ...) in the embed features")
-    for prefix in prefixes:
-        a, b, prompt = (_orientation_mean(vectors, LM_LAYER, span, orientations, prefix) for span in ("a", "b", "prompt"))
-        for j, stat in enumerate(LM_STATS):
-            name = f"{prefix}lm_{stat}"
-            columns.update({f"{name}_a": a[:, j], f"{name}_b": b[:, j], f"{name}_a_minus_b": a[:, j] - b[:, j],
-                            f"{name}_prompt": prompt[:, j]})
+    for j, stat in enumerate(LM_STATS):
+        name = f"{prefix}lm_{stat}"
+        columns.update({f"{name}_a": a[:, j], f"{name}_b": b[:, j], f"{name}_a_minus_b": a[:, j] - b[:, j],
+                        f"{name}_prompt": prompt[:, j]})
     return pd.DataFrame(columns)

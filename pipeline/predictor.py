@@ -192,14 +192,8 @@ class Predictor:
         if mode not in EXPORT_MODES:
             raise UserError(f"export.model={mode}: use {' or '.join(EXPORT_MODES)}")
         if mode == "merged" and self.spec.vectors.source == "base":
-            raise UserError("export.model=merged cannot give the base model's vectors (stack.vectors.source=base); "
-                            "use export.model=adapters")
-        base_likelihoods = self.cfg.embed.lm_features and self.cfg.embed.base_vectors and \
-            any("likelihood" in m.groups for m in [*self.spec.members, *self.spec.baselines.values()])
-        if mode == "merged" and base_likelihoods:
-            raise UserError("export.model=merged cannot give the base model's span likelihoods (the stacker's "
-                            "likelihood group reads them: embed.lm_features and embed.base_vectors); use "
-                            "export.model=adapters")
+            raise UserError("export.model=merged cannot give the base model's vectors or likelihoods "
+                            "(stack.vectors.source=base); use export.model=adapters")
         folder = Path(folder)
         staging = artifacts.staging_dir(folder)
         length = self.spec.baselines["length"].name
@@ -212,8 +206,16 @@ class Predictor:
                 shutil.copytree(adapter, staging / "adapters" / f"fold_{k}")
                 names.append(f"adapters/fold_{k}")
         else:
-            self.merged_model().save_pretrained(staging / "model")
+            merged = self.merged_model()
+            merged.save_pretrained(staging / "model")
             self.tokenizer.save_pretrained(staging / "model")
+            if self.cfg.embed.lm_features and not merged.config.tie_word_embeddings:
+                # A classifier saves no LM head; the likelihood features read it from the model folder.
+                from safetensors.torch import save_file
+
+                head = modeling.output_embeddings(merged, self.source)
+                if head is not None:
+                    save_file({"lm_head.weight": head.contiguous()}, str(staging / "model" / "lm_head.safetensors"))
             names = []
         embed = OmegaConf.to_container(self.cfg.embed, resolve=True)
         if mode == "merged":

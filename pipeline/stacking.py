@@ -149,10 +149,11 @@ def group_frame(pair: PairInputs, group: str, vectors: dict, reducers: dict[str,
         return similarity_frame(pair.vectors, vectors["layers"], vectors["orientations"], vectors["prefix"])
     if group == "likelihood":
         try:
-            return likelihood_frame(pair.vectors, vectors["orientations"])
+            return likelihood_frame(pair.vectors, vectors["orientations"], vectors["prefix"])
         except KeyError:
-            raise UserError("the stack group `likelihood` reads the LM's span likelihoods, which the embed features "
-                            "lack; run stage=embed with embed.lm_features=true") from None
+            raise UserError("the stack group `likelihood` reads the LM's span likelihoods (of the model "
+                            "stack.vectors.source names), which the embed features lack; run stage=embed with "
+                            "embed.lm_features=true") from None
     if group == "vectors":
         blocks = vector_blocks(pair.vectors, vectors["layers"], vectors["kinds"], vectors["orientations"],
                                vectors["prefix"])

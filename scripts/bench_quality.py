@@ -12,8 +12,10 @@ are made on prompt-grouped inner splits of each training set, never on the rows 
 stages (the fine-tune is the slow part), so ablations can be added in seconds; `minutes` is always the wall time of
 the first full run of each stage, kept in the experiment folder.
 
-Last line: margin=X.XXXX head_gain=Y.YYYY minutes=Z.Z, where margin = best baseline (prior, length, head) minus
-the stacker's OOF log loss and head_gain = prior minus head. Goals: margin >= 0.02, head_gain >= 0.01, minutes <= 60.
+Last line: margin=X.XXXX head_gain=Y.YYYY minutes=Z.Z loso_margin=W.WWWW, where margin = best baseline (prior,
+length, head) minus the stacker's OOF log loss, head_gain = prior minus head, and loso_margin = text statistics minus
+the stacker with each source held out in turn (pooled; printed with the ablations). Goals: margin >= 0.02,
+head_gain >= 0.01, minutes <= 60, loso_margin >= 0.
 """
 from __future__ import annotations
 
@@ -52,6 +54,15 @@ ABLATIONS = {
     "members without all_lgbm (head, text, summary, vectors)": ["stack.blend_members=[head,text,summary,vectors]"],
     "one LightGBM on every group alone (old stacker, honest rounds)": ["stack.blend_members=[all_lgbm]"],
     "no symmetric augmentation": ["stack.symmetric=false"],
+    # The LM's own view (embed.lm_features): span log-likelihoods and entropies.
+    "blend + likelihood member": ["stack.blend_members=[head,text,summary,vectors,all_lgbm,likelihood]"],
+    "blend without likelihood member": ["stack.blend_members=[head,text,summary,vectors,all_lgbm]"],
+    "blend: text + likelihood": ["stack.blend_members=[text,likelihood]"],
+    "likelihood: base model": ["stack.vectors.source=base",
+                               "stack.blend_members=[head,text,summary,vectors,all_lgbm,likelihood]"],
+    # What the frozen-feature path (finetune.train=false) would stack: the base model's features, no head.
+    "base-model features only, no head (frozen path's inputs)": [
+        "stack.vectors.source=base", "stack.blend_members=[text,summary,vectors,likelihood]"],
 }
 
 
@@ -70,13 +81,18 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def ablation_table(overrides: list[str]) -> str:
-    """Stacker variants re-scored on the run's features and folds (seconds each), each as honest as the stage."""
+def ablation_table(overrides: list[str], chosen: str | None = None) -> str:
+    """Stacker variants re-scored on the run's features and folds (a minute each), each as honest as the stage;
+    `chosen`: a regular expression picking variants by name."""
+    import re
+
     from pipeline import context, stacking
     from pipeline.errors import UserError
 
     lines = ["| stacker variant | OOF log loss | accuracy | chosen per fold | seconds |", "|---|---|---|---|---|"]
     for name, extra in ABLATIONS.items():
+        if chosen and not re.search(chosen, name):
+            continue
         start = time.perf_counter()
         try:
             cfg = compose([*overrides, *extra])
@@ -114,7 +130,8 @@ def source_holdout_table(overrides: list[str]) -> str:
                      " | ".join(f"{losses[n][k]:.4f}" for n in names) + f" | {result['chosen'][k]} |")
     lines.append(f"| all (pooled OOF) | {len(frame)} | {result['oof_logloss']:.4f} | " +
                  " | ".join(f"{result['baselines'][n]:.4f}" for n in names[1:]) + " | |")
-    return "\n".join(lines)
+    # loso_margin: text statistics (the length baseline) minus the stacker, pooled over the held-out sources.
+    return "\n".join(lines), result["baselines"]["length"] - result["oof_logloss"]
 
 
 def run_stage(stage: str, overrides: list[str], log: Path) -> float:
@@ -134,6 +151,7 @@ def main() -> None:
     parser.add_argument("--group-by", default="prompt", help="cv.group_by: prompt, or source (leave-one-source-out)")
     parser.add_argument("--exp-name", default=None)
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--ablations", default=None, help="a regular expression: only the ablations it matches")
     parser.add_argument("--stack-only", action="store_true",
                         help="re-run only stage=stack on the finished experiment's features (seconds); `minutes` "
                              "keeps the recorded first full run of each stage")
@@ -162,16 +180,19 @@ def main() -> None:
     metrics = json.loads((exp / "metrics.json").read_text())
     stack = metrics["stack"]
     print("\n" + (exp / "stack" / "report.md").read_text().split("\n## ")[0])
+    loso_margin = None
     if not args.no_ablations:
         sys.path.insert(0, str(ROOT))
-        print("\nAblations (stage two only, same features and folds):\n" + ablation_table(overrides))
+        print("\nAblations (stage two only, same features and folds):\n" + ablation_table(overrides, args.ablations))
         if args.group_by == "prompt":
-            print("\nLeave one source out (stage two):\n" + source_holdout_table(overrides))
+            table, loso_margin = source_holdout_table(overrides)
+            print("\nLeave one source out (stage two):\n" + table)
     head, prior = stack["baselines"]["head"], stack["baselines"]["prior"]
     best = min(stack["baselines"][k] for k in ("prior", "length", "head"))
     minutes = sum(timings[s] for s in STAGES) / 60
     print(f"stage seconds: {', '.join(f'{s} {timings[s]:.0f}' for s in STAGES)}")
-    print(f"margin={best - stack['oof_logloss']:.4f} head_gain={prior - head:.4f} minutes={minutes:.1f}")
+    loso = f" loso_margin={loso_margin:.4f}" if loso_margin is not None else ""
+    print(f"margin={best - stack['oof_logloss']:.4f} head_gain={prior - head:.4f} minutes={minutes:.1f}{loso}")
 
 
 if __name__ == "__main__":
