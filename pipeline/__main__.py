@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from pipeline import artifacts, context, locks, tracking, validation
 from pipeline.errors import UserError
 
-STAGES = ("check", "finetune", "embed", "stack", "predict", "all", "export")
+STAGES = ("check", "finetune", "embed", "stack", "predict", "all", "export", "fit")
 # The metric a sweep minimises, per stage: its path in the stage's returned metrics.
 SWEEP_METRIC = {"finetune": ("oof_logloss",), "stack": ("oof_logloss",), "all": ("stack", "oof_logloss")}
 log = logging.getLogger("pipeline")

@@ -8,6 +8,7 @@
       finetune/fold_k/               state.json, adapter/ (LoRA + head), oof.parquet, checkpoints/ while training
       finetune/averaged/adapter/     the fold adapters averaged into one (embed.test_adapters=averaged)
       finetune/oof.parquet           the head's OOF probabilities, train-file order
+      fit/                           state.json, adapter/ (stage=fit: one adapter on every train row, no folds)
       embed/fold_k/                  state.json, train.parquet (fold k's OOF features)
       embed/train_features.parquet   every fold's OOF features, train-file order; embed/manifest.json
       embed/test_<file>_<setup>/     fold_k.parquet per fold adapter (or averaged.parquet), features.parquet, manifest.json
@@ -92,6 +93,15 @@ class Layout:
     @property
     def averaged_adapter(self) -> Path:
         return self.finetune / "averaged" / "adapter"
+
+    # fit (one adapter on every row)
+    @property
+    def fit(self) -> Path:
+        return self.root / "fit"
+
+    @property
+    def fit_adapter(self) -> Path:
+        return self.fit / "adapter"
 
     # embed
     @property

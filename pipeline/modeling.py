@@ -312,6 +312,42 @@ def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkp
     return model
 
 
+def check_init_adapter(adapter_dir: Path, lora_cfg: DictConfig) -> None:
+    """finetune.init_adapter must be a PEFT LoRA folder (safetensors) of the rank and target modules this fine-tune
+    trains, or its weights cannot be loaded into the new adapter."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"finetune.init_adapter={adapter_dir}: no adapter there (a PEFT folder with "
+                        "adapter_config.json and adapter_model.safetensors is expected, e.g. another experiment's "
+                        "finetune/full/adapter)")
+    check_weights_folder(adapter_dir, "adapter_model.safetensors", "adapter_config.json")
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    ours = {"r": lora_cfg.get("r"), "target_modules": lora_cfg.get("target_modules")}
+    theirs = {"r": saved.get("r"), "target_modules": saved.get("target_modules")}
+    if ours["r"] != theirs["r"] or (ours["target_modules"] != "all-linear" and theirs["target_modules"] is not None
+                                     and sorted(ours["target_modules"]) != sorted(theirs["target_modules"])):
+        raise UserError(f"finetune.init_adapter={adapter_dir} has r={theirs['r']}, target_modules="
+                        f"{theirs['target_modules']}; this fine-tune trains r={ours['r']}, target_modules="
+                        f"{ours['target_modules']}: set finetune.lora to match it")
+
+
+def load_init_adapter(model, adapter_dir: Path) -> None:
+    """Start a fresh LoRA model (add_lora) from a saved adapter: its LoRA matrices and its `score` head, so step 0 of
+    the fine-tune is that adapter's model exactly (a warm start, e.g. from a full-data fit on extra rows)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "score" in k]
+    if missing:
+        raise UserError(f"finetune.init_adapter={adapter_dir}: {len(missing)} of its tensors fit no module of this "
+                        f"model (first {missing[0]}); was it trained on another base model?")
+    for param in model.parameters():  # trainable weights stay fp32, as add_lora left them
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
 def load_with_adapter(source: Path | str, model_cfg: DictConfig, tokenizer, adapter_dir: Path, dtype: torch.dtype,
                       on: torch.device):
     """Base model + one fold's trained adapter and head, ready for inference."""

@@ -2,6 +2,8 @@
 marker and checked on reuse) versus the settings that only change how a run operates (free to differ)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import artifacts, inputs
@@ -36,7 +38,11 @@ def finetune_setup(cfg: DictConfig) -> dict:
     fine-tune settings."""
     from pipeline import modeling
 
-    return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
+    init = cfg.finetune.init_adapter
+    # A warm start's weights by content (the path alone would not notice the adapter being retrained); absent
+    # without one, so experiments made before the setting existed stay current.
+    started_from = {"init_adapter": artifacts.file_fingerprint(Path(init) / "adapter_model.safetensors")} if init else {}
+    return {**started_from, "seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
             "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train),
             "extra": artifacts.file_fingerprint(cfg.data.extra),
             "base_model": modeling.base_model_fingerprint(modeling.base_model_dir(cfg.model,
@@ -45,6 +51,12 @@ def finetune_setup(cfg: DictConfig) -> dict:
             "config_hash": artifacts.config_hash({"model": cfg.model,
                                                   "finetune": _learned(cfg, "finetune", FINETUNE_OPERATIONAL),
                                                   "cv_group_by": cfg.cv.group_by})}
+
+
+def fit_setup(cfg: DictConfig) -> dict:
+    """What a finished full-data fit (stage=fit) must agree with to be reused: the fine-tune setup without the
+    folds (every row trains)."""
+    return {k: v for k, v in finetune_setup(cfg).items() if k != "n_folds"}
 
 
 def embed_setup(cfg: DictConfig, finetune_state: dict) -> dict:

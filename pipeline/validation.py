@@ -14,7 +14,7 @@ from pipeline.predictor import EXPORT_MODES
 
 # The stages that load the model: only they need the hardware a setting asks for (stage=check plans for a GPU
 # from a CPU machine; stage=stack re-scores features made on a GPU).
-LOADS_MODEL = ("finetune", "embed", "predict", "all", "export")
+LOADS_MODEL = ("finetune", "embed", "predict", "all", "export", "fit")
 
 
 def validate_model(model_cfg: DictConfig, loads_model: bool = True) -> None:
@@ -42,6 +42,10 @@ def validate_finetune(ft: DictConfig, n_folds: int) -> None:
     require_number(ft.label_smoothing, "finetune.label_smoothing", 0.0, 1.0)
     if ft.max_steps in (None, -1) or ft.max_steps <= 0:
         require_number(ft.epochs, "finetune.epochs", 1e-9)
+    if not isinstance(ft.train, bool):
+        raise UserError(f"finetune.train={ft.train}: use true (fine-tune) or false (the frozen-feature path)")
+    if ft.init_adapter:
+        modeling.check_init_adapter(Path(str(ft.init_adapter)), ft.lora)
     if ft.head_init not in ("random", "verdict_tokens"):
         raise UserError(f"finetune.head_init={ft.head_init}: use random or verdict_tokens")
     if ft.folds is not None:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import benchmarking as bench  # noqa: E402
 from pipeline import modeling  # noqa: E402
 from pipeline.formatting import encode_frame  # noqa: E402
-from pipeline.stages.finetune import PaddingCollator, pipeline_trainer, training_arguments, training_rows  # noqa: E402,E501
+from pipeline.training import PaddingCollator, pipeline_trainer, training_arguments, training_rows  # noqa: E402,E501
 
 
 # Profiler op names -> what they are in a LoRA step, for the --profile breakdown.

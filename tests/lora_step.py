@@ -18,15 +18,16 @@ def assert_steps_change_only_trainable_weights(cfg: DictConfig) -> None:
     the base weights (quantised or not) and PEFT's frozen `score.original_module` stay bit for bit; the fold-end
     pass then gives probabilities."""
     from pipeline import context, extraction, modeling
+    from pipeline import training
     from pipeline.stages import finetune
 
     ctx = context.open_run(cfg, "finetune")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     rows_all = extraction.encode_rows(tokenizer, ctx.train.frame, cfg)
-    rows = finetune.training_rows(rows_all.encoded, None, ctx.labels, np.arange(32), False)
+    rows = training.training_rows(rows_all.encoded, None, ctx.labels, np.arange(32), False)
     snapshots = {}
-    original_trainer = finetune.pipeline_trainer
+    original_trainer = training.pipeline_trainer
 
     def recording_trainer(head_lr):
         cls = original_trainer(head_lr)
@@ -37,11 +38,11 @@ def assert_steps_change_only_trainable_weights(cfg: DictConfig) -> None:
                 return super().train(*args, **kwargs)
         return Recording
 
-    finetune.pipeline_trainer = recording_trainer
+    training.pipeline_trainer = recording_trainer
     try:
         model, stats = finetune.train_fold(ctx, 0, source, tokenizer, rows)
     finally:
-        finetune.pipeline_trainer = original_trainer
+        training.pipeline_trainer = original_trainer
     before, after = snapshots["before"], snapshot(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     lora_b = [n for n in before if "lora_B" in n]

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import artifacts, context, inputs, modeling
+from pipeline import artifacts, context, inputs, modeling, training
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair, encode_frame
@@ -24,7 +24,7 @@ def test_adapter_and_head_change_base_does_not(tiny_cfg, tmp_path):
     cfg = tiny_cfg("finetune.max_steps=3", "finetune.learning_rate=1e-2", "model.precision=fp32")
     source, tokenizer, frame = tiny_setup(cfg)
     encoded = encode_frame(tokenizer, frame, cfg.model)
-    rows = finetune.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(40), False)
+    rows = training.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(40), False)
     on, dtype = torch.device("cpu"), torch.float32
     from transformers import set_seed
 
@@ -48,10 +48,10 @@ def test_swap_augmentation_flips_labels():
     enc = [EncodedPair([1, 2], (0, 1), (1, 2), 0), EncodedPair([3], (0, 1), (1, 1), 0),
            EncodedPair([4], (0, 1), (1, 1), 0)]
     swp = [EncodedPair([9, 9], (0, 1), (1, 2), 0)] * 3
-    rows = finetune.training_rows(enc, swp, np.array([0, 1, 2]), np.array([0, 1, 2]), True)
+    rows = training.training_rows(enc, swp, np.array([0, 1, 2]), np.array([0, 1, 2]), True)
     assert [r["labels"] for r in rows] == [0, 1, 2, 1, 0, 2]
     assert rows[3]["input_ids"] == [9, 9]
-    assert len(finetune.training_rows(enc, swp, np.array([0, 1, 2]), np.array([2]), False)) == 1
+    assert len(training.training_rows(enc, swp, np.array([0, 1, 2]), np.array([2]), False)) == 1
 
 
 def test_oof_covers_every_id_once_and_excludes_training_rows(tiny_experiment):
@@ -100,12 +100,12 @@ def test_killed_fold_resumes_from_trainer_checkpoint(tiny_cfg, tmp_path, monkeyp
     cfg = tiny_cfg(*overrides)
     source, tokenizer, frame = tiny_setup(cfg)
     encoded = encode_frame(tokenizer, frame, cfg.model)
-    rows = finetune.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(len(frame)), False)
+    rows = training.training_rows(encoded, encoded, frame["label"].to_numpy(), np.arange(len(frame)), False)
 
     class Killed(Exception):
         pass
 
-    original = finetune.pipeline_trainer
+    original = training.pipeline_trainer
 
     def killed_after_step_4(head_lr):
         class Killing(original(head_lr)):
@@ -116,10 +116,10 @@ def test_killed_fold_resumes_from_trainer_checkpoint(tiny_cfg, tmp_path, monkeyp
         return Killing
 
     ctx = context.open_run(cfg, "finetune")
-    monkeypatch.setattr(finetune, "pipeline_trainer", killed_after_step_4)
+    monkeypatch.setattr(training, "pipeline_trainer", killed_after_step_4)
     with pytest.raises(Killed):
         finetune.train_fold(ctx, 0, source, tokenizer, rows)
-    monkeypatch.setattr(finetune, "pipeline_trainer", original)
+    monkeypatch.setattr(training, "pipeline_trainer", original)
     resumed, stats = finetune.train_fold(ctx, 0, source, tokenizer, rows)
     assert stats["resumed_from"].endswith("checkpoint-4") and stats["global_step"] == 6
     # Only steps 5-6 ran after the resume: 2 batches of 16 rows.
@@ -138,7 +138,7 @@ def test_token_counts_hold_with_dataloader_workers(tiny_cfg, tmp_path):
     cfg = tiny_cfg("finetune.max_steps=2", "finetune.dataloader_num_workers=2")
     source, tokenizer, frame = tiny_setup(cfg)
     encoded = encode_frame(tokenizer, frame, cfg.model)
-    rows = finetune.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
+    rows = training.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
     _, stats = finetune.train_fold(context.open_run(cfg, "finetune"), 0, source, tokenizer, rows)
     # 2 steps of 16 rows each, every row of the tiny demo data at least 100 tokens after formatting.
     assert stats["train_tokens"] >= 2 * 16 * 100 and stats["padded_tokens"] >= stats["train_tokens"]
@@ -148,7 +148,7 @@ def test_training_arguments_and_lora_fields_by_their_own_names(tiny_cfg, tmp_pat
     cfg = tiny_cfg("finetune.training_args.optim=adafactor", "finetune.training_args.max_grad_norm=0.5",
                    "+finetune.training_args.lr_scheduler_kwargs={}", "+finetune.lora.use_rslora=true",
                    "finetune.lora.r=4")
-    args = finetune.training_arguments(cfg, tmp_path, 0, torch.float32, torch.device("cpu"))
+    args = training.training_arguments(cfg, tmp_path, 0, torch.float32, torch.device("cpu"))
     assert args.optim == "adafactor" and args.max_grad_norm == 0.5
     source, tokenizer, _ = tiny_setup(cfg)
     model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.float32,
@@ -156,7 +156,7 @@ def test_training_arguments_and_lora_fields_by_their_own_names(tiny_cfg, tmp_pat
     config = model.peft_config["default"]
     assert config.use_rslora and config.r == 4 and "score" in config.modules_to_save
     # ... and the Trainer runs with them: its optimizer is Adafactor, its clipping 0.5.
-    trainer = finetune.pipeline_trainer(None)(model=model, args=args, train_dataset=[])
+    trainer = training.pipeline_trainer(None)(model=model, args=args, train_dataset=[])
     assert type(trainer.create_optimizer()).__name__ == "Adafactor" and trainer.args.max_grad_norm == 0.5
 
 
@@ -165,7 +165,7 @@ def test_head_gets_its_own_learning_rate(tiny_cfg, tmp_path):
     source, tokenizer, _ = tiny_setup(cfg)
     model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.float32,
                                                        torch.device("cpu")), cfg.model, cfg.finetune.lora, False)
-    trainer = finetune.pipeline_trainer(0.02)(model=model, args=finetune.training_arguments(
+    trainer = training.pipeline_trainer(0.02)(model=model, args=training.training_arguments(
         cfg, tmp_path, 0, torch.float32, torch.device("cpu")), train_dataset=[{"input_ids": [1], "labels": 0}])
     optimizer = trainer.create_optimizer()
     head = {id(p) for n, p in model.named_parameters() if "score" in n and p.requires_grad}
@@ -203,7 +203,7 @@ def test_length_batches_cover_every_row_once_and_pad_little():
 
     rng = np.random.default_rng(0)
     lengths = np.minimum(rng.integers(40, 400, 403), 192).tolist()  # many rows at the cap, 403 = 50 batches + 3
-    sampler = finetune.LengthBatchSampler(lengths, batch_size=8, seed=1)
+    sampler = training.LengthBatchSampler(lengths, batch_size=8, seed=1)
     order = list(sampler)
     assert sorted(order) == list(range(403))
 
@@ -224,14 +224,14 @@ def test_trainer_uses_the_length_batches(tiny_cfg):
     cfg = tiny_cfg("finetune.max_steps=1")
     source, tokenizer, frame = tiny_setup(cfg)
     encoded = encode_frame(tokenizer, frame, cfg.model)
-    rows = finetune.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
+    rows = training.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
     ctx = context.open_run(cfg, "finetune")
-    args = finetune.training_arguments(cfg, ctx.layout.checkpoints(0), 0, torch.float32, torch.device("cpu"))
+    args = training.training_arguments(cfg, ctx.layout.checkpoints(0), 0, torch.float32, torch.device("cpu"))
     model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.float32,
                                                        torch.device("cpu")), cfg.model, cfg.finetune.lora, False)
-    trainer = finetune.pipeline_trainer(None)(model=model, args=args, train_dataset=rows)
-    assert isinstance(trainer._get_train_sampler(), finetune.LengthBatchSampler)
+    trainer = training.pipeline_trainer(None)(model=model, args=args, train_dataset=rows)
+    assert isinstance(trainer._get_train_sampler(), training.LengthBatchSampler)
     cfg.finetune.group_by_length = False
-    args = finetune.training_arguments(cfg, ctx.layout.checkpoints(0), 0, torch.float32, torch.device("cpu"))
-    trainer = finetune.pipeline_trainer(None)(model=model, args=args, train_dataset=rows)
-    assert not isinstance(trainer._get_train_sampler(), finetune.LengthBatchSampler)
+    args = training.training_arguments(cfg, ctx.layout.checkpoints(0), 0, torch.float32, torch.device("cpu"))
+    trainer = training.pipeline_trainer(None)(model=model, args=args, train_dataset=rows)
+    assert not isinstance(trainer._get_train_sampler(), training.LengthBatchSampler)

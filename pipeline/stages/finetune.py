@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipeline import artifacts, context, extraction, inputs, layout, locks, modeling, setups, stacking
+from pipeline import artifacts, context, extraction, inputs, layout, locks, modeling, setups, stacking, training
 from pipeline.context import RunContext
-from pipeline.data import LABEL_COLUMNS, swap_label
+from pipeline.data import LABEL_COLUMNS
 from pipeline.errors import UserError
-from pipeline.formatting import EncodedPair, encode_frame
-from pipeline.inference import pad_batch
+from pipeline.formatting import encode_frame
 from pipeline.layout import FinetuneFoldRecord
 from pipeline.scoring import accuracy, fold_prior, logloss
 
@@ -33,171 +31,10 @@ log = logging.getLogger(__name__)
 HOW_TO_FIX = "use a new exp_name, or delete that folder to retrain it"
 
 
-class PaddingCollator:
-    """Dynamic padding to the longest row of each batch (picklable: it runs in dataloader workers)."""
-
-    def __init__(self, pad_id: int, multiple_of: int = 1):
-        self.pad_id = pad_id
-        self.multiple_of = multiple_of
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask, _ = pad_batch([r["input_ids"] for r in rows], self.pad_id, multiple_of=self.multiple_of)
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)}
-
-
-class LengthBatchSampler(torch.utils.data.Sampler):
-    """Rows sorted by length (ties broken at random) and cut into batches of `batch_size`, the batches in random
-    order, reseeded per epoch. Every batch holds rows of nearly one length, so dynamic padding wastes almost
-    nothing at any data size (HF's LengthGroupedSampler sorts only within random mega-batches, which on a few
-    hundred rows are a single batch: no grouping at all)."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it, also when resuming mid-run
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        noise = torch.rand(len(self.lengths), generator=generator).tolist()
-        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i] + noise[i])
-        # The DataLoader cuts this flat stream into batches again: full batches are shuffled, the short one goes
-        # last (in the middle it would shift every later batch off its length group).
-        full = len(order) - len(order) % self.batch_size
-        batches = [order[i: i + self.batch_size] for i in range(0, full, self.batch_size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield from batches[b]
-        yield from order[full:]
-
-
-def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: bool = True):
-    """The HF Trainer plus three things: the optimizer can give the `score` head its own learning rate (the
-    scheduler then scales both groups alike); real / padded tokens are counted where batches reach the model, in
-    the main process, so the counts hold with dataloader workers too; and `train_sampling_strategy=group_by_length`
-    uses LengthBatchSampler (`tight_length_batches=False` keeps HF's sampler, for the benchmark's comparison)."""
-    from transformers import Trainer
-
-    class PipelineTrainer(Trainer):
-        real_tokens = 0
-        padded_tokens = 0
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if not (tight_length_batches and self.args.train_sampling_strategy == "group_by_length"):
-                return super()._get_train_sampler(train_dataset)
-            return LengthBatchSampler([len(row["input_ids"]) for row in dataset],
-                                      self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs["attention_mask"]
-            self.real_tokens += int(mask.sum())
-            self.padded_tokens += mask.numel()
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def create_optimizer(self, model=None):
-            optimizer = super().create_optimizer(model)
-            if not head_learning_rate:
-                return optimizer
-            head = {id(p) for n, p in (model or self.model).named_parameters() if "score" in n and p.requires_grad}
-            head_groups = []
-            for group in optimizer.param_groups:
-                params = [p for p in group["params"] if id(p) in head]
-                if params:
-                    group["params"] = [p for p in group["params"] if id(p) not in head]
-                    head_groups.append({**group, "params": params, "lr": head_learning_rate})
-            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-            for group in head_groups:
-                optimizer.add_param_group(group)
-            return optimizer
-
-    return PipelineTrainer
-
-
-def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair] | None, labels: np.ndarray,
-                  index: np.ndarray, swap_augmentation: bool) -> list[dict]:
-    """Trainer rows for `index`; with swap augmentation each row also appears A/B-swapped with its label swapped."""
-    rows = [{"input_ids": encoded[i].input_ids, "labels": int(labels[i])} for i in index]
-    if swap_augmentation:
-        rows += [{"input_ids": swapped[i].input_ids, "labels": swap_label(labels[i])} for i in index]
-    return rows
-
-
-def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torch.dtype, on: torch.device):
-    from transformers import TrainingArguments
-
-    ft = cfg.finetune
-    ours = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=ft.per_device_batch_size,
-        gradient_accumulation_steps=ft.gradient_accumulation_steps,
-        num_train_epochs=ft.epochs,
-        max_steps=ft.max_steps,
-        learning_rate=ft.learning_rate,
-        weight_decay=ft.weight_decay,
-        warmup_steps=ft.warmup_ratio,
-        lr_scheduler_type=ft.lr_scheduler,
-        label_smoothing_factor=ft.label_smoothing,
-        logging_steps=ft.logging_steps,
-        save_strategy="steps",
-        save_steps=ft.save_steps,
-        save_total_limit=1,
-        report_to=[] if ft.report_to in (None, "none") else ft.report_to,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=on.type == "cpu",
-        seed=seed,
-        data_seed=seed,
-        train_sampling_strategy="group_by_length" if ft.group_by_length else "random",
-        remove_unused_columns=False,
-        dataloader_num_workers=ft.dataloader_num_workers,
-        ddp_find_unused_parameters=False,
-        deepspeed=ft.deepspeed,
-        disable_tqdm=False,
-    )
-    # Any other TrainingArguments field, by its own name, from finetune.training_args (it wins over ours).
-    return TrainingArguments(**{**ours, **OmegaConf.to_container(ft.training_args, resolve=True)})
-
-
 def train_fold(ctx: RunContext, k: int, source, tokenizer, rows: list[dict]) -> tuple[object, dict]:
-    """Train fold k's adapter and head with the Trainer, resuming from its last checkpoint if one exists."""
-    from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
-    cfg, on, dtype = ctx.cfg, ctx.device, ctx.dtype
-    seed = int(cfg.seed) + k
-    set_seed(seed)  # also seeds the fresh `score` head
-    model = modeling.load_classifier(source, cfg.model, tokenizer, dtype, on)
-    if cfg.finetune.head_init == "verdict_tokens":
-        modeling.init_head_from_verdict_tokens(model, tokenizer, source, list(cfg.finetune.verdict_words))
-    model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
-    checkpoints = ctx.layout.checkpoints(k)
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if resume:
-        log.info("fold %d: resuming from %s", k, resume)
-    collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1)
-    trainer = pipeline_trainer(cfg.finetune.head_learning_rate)(
-        model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
-        data_collator=collator, processing_class=tokenizer)
-    for callback in trainer.callback_handler.callbacks:
-        # TensorBoard would write under checkpoints/, which is removed once the fold is done.
-        if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
-            callback.logging_dir = str(ctx.layout.tracking("finetune") / f"fold_{k}")
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
-    real, padded = trainer.real_tokens, trainer.padded_tokens
-    stats = {"train_seconds": round(seconds, 2), "train_rows": len(rows), "train_tokens": real,
-             "padded_tokens": padded, "tokens_per_s": round(real / seconds, 1),
-             "padding_waste": round(1 - real / padded, 4) if padded else 0.0, "resumed_from": resume,
-             "global_step": int(trainer.state.global_step)}
-    return trainer.model, stats
+    """Train fold k's adapter and head (seed + k), resuming from its last checkpoint if one exists."""
+    return training.train_adapter(ctx.cfg, ctx.device, ctx.dtype, source, tokenizer, rows, int(ctx.cfg.seed) + k,
+                                  ctx.layout.checkpoints(k), ctx.layout.tracking("finetune") / f"fold_{k}")
 
 
 def fold_list(cfg: DictConfig) -> list[int]:
@@ -218,7 +55,7 @@ def extra_training_rows(ctx: RunContext, tokenizer) -> list[dict]:
     swap = bool(ctx.cfg.finetune.swap_augmentation)
     encoded = encode_frame(tokenizer, extra.frame, ctx.cfg.model)
     swapped = encode_frame(tokenizer, extra.frame, ctx.cfg.model, swap=True) if swap else None
-    return training_rows(encoded, swapped, extra.frame["label"].to_numpy(), np.arange(len(encoded)), swap)
+    return training.training_rows(encoded, swapped, extra.frame["label"].to_numpy(), np.arange(len(encoded)), swap)
 
 
 @dataclass
@@ -283,7 +120,7 @@ def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
         artifacts.mark_started(fold_dir, {**run_.setup, "settings": run_.settings})
     train_index = np.flatnonzero(fold_of != k)
     held_out = np.flatnonzero(fold_of == k)
-    rows = training_rows(run_.rows.encoded, run_.rows.swapped, labels, train_index,
+    rows = training.training_rows(run_.rows.encoded, run_.rows.swapped, labels, train_index,
                          cfg.finetune.swap_augmentation) + run_.extra_rows
     model, stats = train_fold(ctx, k, run_.source, run_.tokenizer, rows)
     if ctx.is_main:
@@ -352,13 +189,14 @@ def summarise(oof: pd.DataFrame, labels: np.ndarray, fold_of: np.ndarray, states
     stats = [s["stats"] for s in states]
     prior = fold_prior(labels, fold_of)
     seconds = sum(s["train_seconds"] for s in stats)
+    tokens, padded = sum(s["train_tokens"] for s in stats), sum(s["padded_tokens"] for s in stats)
     return {
         "oof_logloss": logloss(labels, probs),
         "prior_logloss": logloss(labels, prior),
         "accuracy": accuracy(labels, probs),
         "per_fold": [s["logloss"] for s in stats],
         "train_seconds": round(seconds, 2),
-        "tokens_per_s": round(sum(s["train_tokens"] for s in stats) / seconds, 1),
-        "padding_waste": round(1 - sum(s["train_tokens"] for s in stats) / sum(s["padded_tokens"] for s in stats), 4),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "padding_waste": round(1 - tokens / padded, 4) if padded else 0.0,
         "n_rows": int(len(labels)),
     }

@@ -1,0 +1,65 @@
+"""stage=fit: one LoRA adapter + `score` head trained on every row of data.train (plus data.extra), no folds.
+
+What a final model is made of when no out-of-fold score is needed, and the start other experiments' fold
+fine-tunes begin from (`finetune.init_adapter=outputs/<exp>/fit/adapter`): e.g. a one-time fit on extra labelled
+pairs, never on rows those experiments score (see README "Start warm"). The same model, formatting and fine-tune
+settings as stage=finetune (`finetune.*`); it writes fit/adapter/ and fit/state.json, and is skipped when done
+with the same setup, refused when done with another.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import artifacts, context, inputs, modeling, setups, training
+from pipeline.formatting import encode_frame
+
+log = logging.getLogger(__name__)
+HOW_TO_FIX = "use a new exp_name, or delete that folder to fit again"
+
+
+def run(cfg: DictConfig) -> dict:
+    # setup
+    ctx = context.open_run(cfg, "fit")
+    lay = ctx.layout
+    setup = setups.fit_setup(cfg)
+    settings = setups.finetune_settings(cfg)
+    if artifacts.check_state(lay.fit, setup, HOW_TO_FIX, settings):
+        log.info("fit: done, skipped (%s)", lay.fit_adapter)
+        return artifacts.read_state(lay.fit)["stats"]
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    swap = bool(cfg.finetune.swap_augmentation)
+    rows = []
+    for data in (ctx.train, inputs.load_extra(cfg, ctx.train)):
+        if data is None:
+            continue
+        encoded = encode_frame(tokenizer, data.frame, cfg.model)
+        swapped = encode_frame(tokenizer, data.frame, cfg.model, swap=True) if swap else None
+        rows += training.training_rows(encoded, swapped, data.frame["label"].to_numpy(), np.arange(len(encoded)),
+                                       swap)
+    started = artifacts.read_state(lay.fit)
+    if ctx.is_main and started and artifacts.changed_setup(started, setup):
+        shutil.rmtree(lay.fit / "checkpoints", ignore_errors=True)  # another setup's steps are not this run's
+    if ctx.is_main:
+        artifacts.mark_started(lay.fit, {**setup, "settings": settings})
+
+    # run
+    model, stats = training.train_adapter(cfg, ctx.device, ctx.dtype, source, tokenizer, rows, int(cfg.seed),
+                                          lay.fit / "checkpoints", lay.tracking("fit"))
+
+    # save
+    if ctx.is_main:
+        staging = artifacts.staging_dir(lay.fit_adapter)
+        model.save_pretrained(staging)
+        artifacts.apply_user_mode(staging)
+        artifacts.replace_dir(staging, lay.fit_adapter)
+        artifacts.mark_done(lay.fit, {**setup, "settings": settings, "stats": stats})
+        shutil.rmtree(lay.fit / "checkpoints", ignore_errors=True)
+        artifacts.update_metrics(lay.root, "fit", stats)
+        log.info("fit: %d rows in %.0f s (%.0f tokens/s) -> %s", stats["train_rows"], stats["train_seconds"],
+                 stats["tokens_per_s"], lay.fit_adapter)
+    return stats
