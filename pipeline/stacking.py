@@ -75,8 +75,14 @@ class VectorRequest:
         if missing:
             raise UserError(f"stack.vectors.layers={layers}: {missing} not in the embed features (have {present}); "
                             "re-run stage=embed with those embed.layers")
+        prefix = BASE_PREFIX if base else ""
+        swapped = str(VectorKey(layers[0], "verdict", "swp", base)) in matrices
+        if "verdict_diff" in self.kinds and not swapped:
+            raise UserError(f"stack.vectors.kinds={list(self.kinds)}: verdict_diff compares the verdict vectors of the "
+                            "two A/B orientations, and these embed features have one (embed.swap_tta=false); drop "
+                            "it (e.g. stack.vectors.kinds=[diff]) or re-run stage=embed with embed.swap_tta=true")
         return {"layers": layers, "kinds": list(self.kinds), "orientations": list(self.orientations),
-                "prefix": BASE_PREFIX if base else ""}
+                "prefix": prefix}
 
 
 @dataclass

@@ -302,3 +302,13 @@ def test_a_mistyped_estimator_is_refused_at_check_time(tiny_cfg):
         validation.validate(tiny_cfg("stack.members.text.estimator._target_=lightgbm.LGBMClassifer"))
     with pytest.raises(UserError, match=r"stack.members.summary.search: \['Cee'\] are not parameters"):
         validation.validate(tiny_cfg("+stack.members.summary.search.Cee=[1.0]"))
+
+
+def test_verdict_diff_without_the_swapped_pass_is_one_error():
+    """embed.swap_tta=false leaves one orientation: the default vector block verdict_diff cannot be made, and says
+    so (it was a KeyError traceback)."""
+    vectors = {f"h050_{span}_fwd": np.zeros((4, 3)) for span in ("prompt", "a", "b", "verdict")}
+    request = stacking.StackSpec.from_config(compose_cfg([]).stack, 0).vectors
+    with pytest.raises(UserError, match="verdict_diff.*embed.swap_tta=false"):
+        request.settings(vectors)
+    assert stacking.VectorRequest("finetuned", None, ["diff"], ["fwd", "swp"], 4).settings(vectors)["layers"] == ["h050"]

@@ -118,8 +118,9 @@ def run(cfg: DictConfig) -> dict:
             line += f", labels {summary['label_counts']}"
         if "token_lengths" in summary:
             pair = summary["token_lengths"]["pair"]
+            scoring = f", embed.max_length={cfg.embed.max_length}" if cfg.embed.max_length else ""
             line += (f", pair tokens p50/p90/p99/max = {pair['p50']}/{pair['p90']}/{pair['p99']}/{pair['max']} "
-                     f"(model.max_length={cfg.model.max_length})")
+                     f"(model.max_length={cfg.model.max_length}{scoring})")
         log.info(line)
     if ctx.is_main:
         artifacts.update_metrics(ctx.layout.root, "check", metrics)
