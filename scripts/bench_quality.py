@@ -2,6 +2,7 @@
 
     python scripts/bench_quality.py                 # ~50 min on 2 CPU cores (SmolLM2-135M, 1,200 rows, 3 folds)
     python scripts/bench_quality.py --group-by source   # leave-one-source-out: each fold is one source
+    python scripts/bench_quality.py --pretrain-rows 4000   # folds start warm from a one-time fit on other rows
 
 Builds a fixed, seeded sample of 1,200 rows with ties from ../shared/data/preference (Auto-J, PandaLM, PRD; the
 same rows every run), runs the real pipeline (check -> finetune -> embed -> stack, the defaults of
@@ -144,6 +145,25 @@ def run_stage(stage: str, overrides: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def pretrain(sample: Path, rows: int, seed: int, overrides: list[str]) -> Path:
+    """The warm start: `rows` shared rows none of which shares a prompt with `sample` (checked by content, see
+    make_shared_subset.py --exclude), fitted once with shared_ties' settings (stage=fit); reused while it exists."""
+    name = f"bench_pretrain_{rows}_{seed}"
+    data = ROOT / "outputs" / "data" / f"{name}.csv"
+    if not data.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shared_subset.py"), "--out", str(data),
+                        "--rows", str(rows), "--seed", str(seed), "--files", "all", "--exclude", str(sample)],
+                       check=True)
+    exp = ROOT / "outputs" / name
+    exp.mkdir(parents=True, exist_ok=True)
+    run_stage("fit", ["experiment=shared_pretrain", f"exp_name={name}", f"data.train={data}", *overrides],
+              exp / "bench_quality.log")
+    fit = json.loads((exp / "metrics.json").read_text())["fit"]
+    print(f"pretrain (one-time, not in `minutes`): {fit['train_rows']} rows, {fit['train_seconds'] / 60:.1f} min "
+          f"training -> {exp / 'fit' / 'adapter'}", flush=True)
+    return exp / "fit" / "adapter"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1200)
@@ -155,6 +175,10 @@ def main() -> None:
     parser.add_argument("--stack-only", action="store_true",
                         help="re-run only stage=stack on the finished experiment's features (seconds); `minutes` "
                              "keeps the recorded first full run of each stage")
+    parser.add_argument("--pretrain-rows", type=int, default=0,
+                        help="first fit a warm start (experiment=shared_pretrain, stage=fit) on this many shared rows "
+                             "that share no prompt with the sample, and start every fold from it (one-time work, "
+                             "timed apart from `minutes`); 0 = no warm start")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every stage")
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -163,8 +187,11 @@ def main() -> None:
     data = ROOT / "outputs" / "data" / f"bench_quality_{args.rows}_{args.seed}.csv"
     if not data.exists():
         build_sample(data, args.rows, args.seed)
+    warm_start = []
+    if args.pretrain_rows:
+        warm_start = [f"finetune.init_adapter={pretrain(data, args.pretrain_rows, args.seed, args.overrides)}"]
     overrides = ["experiment=shared_ties", f"exp_name={exp_name}", f"data.train={data}",
-                 f"cv.group_by={args.group_by}", *args.overrides]
+                 f"cv.group_by={args.group_by}", *warm_start, *args.overrides]
     exp = ROOT / "outputs" / exp_name
     exp.mkdir(parents=True, exist_ok=True)
     timings_file = exp / "bench_timings.json"
