@@ -58,6 +58,7 @@ ABLATIONS = {
     # The LM's own view (embed.lm_features): span log-likelihoods and entropies.
     "blend + likelihood member": ["stack.blend_members=[head,text,summary,vectors,all_lgbm,likelihood]"],
     "blend without likelihood member": ["stack.blend_members=[head,text,summary,vectors,all_lgbm]"],
+    "blend + linear member": ["stack.blend_members=[head,text,summary,vectors,all_lgbm,likelihood,linear]"],
     "blend: text + likelihood": ["stack.blend_members=[text,likelihood]"],
     "likelihood: base model": ["stack.vectors.source=base",
                                "stack.blend_members=[head,text,summary,vectors,all_lgbm,likelihood]"],
