@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, extraction, layout, modeling, stacking
+from pipeline import artifacts, extraction, layout, modeling, setups, stacking
 from pipeline.data import LABEL_COLUMNS, PairData, parse_frame
 from pipeline.errors import UserError
 
@@ -125,7 +125,8 @@ class Predictor:
             record = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
             if record.get("format") != EXPORT_FORMAT:
                 raise ValueError(f"format {record.get('format')!r}, expected {EXPORT_FORMAT}")
-            cfg = OmegaConf.create({key: record[key] for key in ("model", "embed", "stack", "seed")})
+            cfg = setups.with_added_settings(OmegaConf.create({key: record[key]
+                                                               for key in ("model", "embed", "stack", "seed")}))
             adapters = [folder / a for a in record["adapters"]]
             folds, vectors, info = record["folds"], record["vectors"], record["info"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -258,7 +259,7 @@ def recorded_experiment_config(exp: Path) -> DictConfig:
     if not manifest.is_file():
         raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
     try:
-        cfg = OmegaConf.create(artifacts.read_json(manifest)["config"])
+        cfg = setups.with_added_settings(OmegaConf.create(artifacts.read_json(manifest)["config"]))
     except (ValueError, KeyError):
         raise UserError(f"{manifest} is damaged; re-run stage=stack") from None
     cfg.paths.exp_dir, cfg.paths.output_dir, cfg.exp_name = str(exp), str(exp.parent), exp.name

@@ -19,6 +19,17 @@ ADDED_LATER = {"finetune": {"train": True, "init_adapter": None},
                "embed": {"max_length": None, "lm_features": False}}
 
 
+def with_added_settings(cfg: DictConfig) -> DictConfig:
+    """A recorded config (an experiment's manifest, an export) from before some settings existed, completed with
+    their neutral values: what that experiment computed without them."""
+    for group, neutral in ADDED_LATER.items():
+        if group in cfg:
+            for key, value in neutral.items():
+                if key not in cfg[group]:
+                    cfg[group][key] = value
+    return cfg
+
+
 def _learned(cfg: DictConfig, group: str, operational: tuple[str, ...]) -> dict:
     neutral = ADDED_LATER.get(group, {})
     return {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
@@ -38,7 +49,7 @@ def finetune_setup(cfg: DictConfig) -> dict:
     fine-tune settings."""
     from pipeline import modeling
 
-    init = cfg.finetune.init_adapter
+    init = cfg.finetune.get("init_adapter")
     # A warm start's weights by content (the path alone would not notice the adapter being retrained); absent
     # without one, so experiments made before the setting existed stay current.
     started_from = {"init_adapter": artifacts.file_fingerprint(Path(init) / "adapter_model.safetensors")} if init else {}

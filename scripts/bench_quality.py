@@ -2,7 +2,8 @@
 
     python scripts/bench_quality.py                 # ~50 min on 2 CPU cores (SmolLM2-135M, 1,200 rows, 3 folds)
     python scripts/bench_quality.py --group-by source   # leave-one-source-out: each fold is one source
-    python scripts/bench_quality.py --pretrain-rows 4000   # folds start warm from a one-time fit on other rows
+    python scripts/bench_quality.py --pretrain-rows 2000   # folds start warm from a one-time fit on other rows
+    python scripts/bench_quality.py --experiment shared_frozen --exp-name bench_frozen   # the frozen-feature path
 
 Builds a fixed, seeded sample of 1,200 rows with ties from ../shared/data/preference (Auto-J, PandaLM, PRD; the
 same rows every run), runs the real pipeline (check -> finetune -> embed -> stack, the defaults of
@@ -171,6 +172,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group-by", default="prompt", help="cv.group_by: prompt, or source (leave-one-source-out)")
     parser.add_argument("--exp-name", default=None)
+    parser.add_argument("--experiment", default="shared_ties",
+                        help="the experiment config the stages run (shared_frozen: the frozen-feature path)")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--ablations", default=None, help="a regular expression: only the ablations it matches")
     parser.add_argument("--stack-only", action="store_true",
@@ -191,7 +194,7 @@ def main() -> None:
     warm_start = []
     if args.pretrain_rows:
         warm_start = [f"finetune.init_adapter={pretrain(data, args.pretrain_rows, args.seed, args.overrides)}"]
-    overrides = ["experiment=shared_ties", f"exp_name={exp_name}", f"data.train={data}",
+    overrides = [f"experiment={args.experiment}", f"exp_name={exp_name}", f"data.train={data}",
                  f"cv.group_by={args.group_by}", *warm_start, *args.overrides]
     exp = ROOT / "outputs" / exp_name
     exp.mkdir(parents=True, exist_ok=True)

@@ -135,3 +135,24 @@ def test_optuna_sweeper_composes():
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "minimize"
     assert "stack.vectors.pca_components" in cfg.hydra.sweeper.params
+
+
+def test_settings_added_later_keep_older_experiments_current():
+    """At their neutral values the settings added later (embed.max_length, embed.lm_features, finetune.train,
+    finetune.init_adapter) change no setup hash, and a recorded config without them reads as having them."""
+    from pipeline import setups
+
+    cfg = compose_resolved(["model=tiny"])
+    older = OmegaConf.create(OmegaConf.to_container(cfg))
+    for group, keys in setups.ADDED_LATER.items():
+        for key in keys:
+            del older[group][key]
+    assert setups.finetune_setup(older)["config_hash"] == setups.finetune_setup(cfg)["config_hash"]
+    assert setups.embed_setup(older, {"config_hash": "f", "data": "d"}) == \
+        setups.embed_setup(cfg, {"config_hash": "f", "data": "d"})
+    assert setups.stack_setup(older) == setups.stack_setup(cfg)
+    completed = setups.with_added_settings(older)
+    assert completed.embed.max_length is None and completed.finetune.train is True
+    changed = compose_resolved(["model=tiny", "embed.max_length=512"])
+    assert setups.embed_setup(changed, {"config_hash": "f", "data": "d"}) != \
+        setups.embed_setup(cfg, {"config_hash": "f", "data": "d"})
