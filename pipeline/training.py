@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import modeling
+from pipeline import modeling, prefix_cache
 from pipeline.data import swap_label
 from pipeline.formatting import EncodedPair
 from pipeline.inference import pad_batch
@@ -27,8 +27,11 @@ class PaddingCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         ids, mask, _ = pad_batch([r["input_ids"] for r in rows], self.pad_id, multiple_of=self.multiple_of)
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)}
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)}
+        if "prefix" in rows[0]:  # finetune.cache_prefix: the frozen layers' cached output, padded like the ids
+            batch["prefix_hidden"] = prefix_cache.pad_prefixes([r["prefix"] for r in rows], ids.shape[1])
+        return batch
 
 
 class LengthBatchSampler(torch.utils.data.Sampler):
@@ -62,7 +65,8 @@ class LengthBatchSampler(torch.utils.data.Sampler):
         yield from order[full:]
 
 
-def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: bool = True):
+def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: bool = True,
+                     cache: prefix_cache.PrefixCache | None = None):
     """The HF Trainer plus three things: the optimizer can give the `score` head its own learning rate (the
     scheduler then scales both groups alike); real / padded tokens are counted where batches reach the model, in
     the main process, so the counts hold with dataloader workers too; and `train_sampling_strategy=group_by_length`
@@ -79,6 +83,12 @@ def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: boo
                 return super()._get_train_sampler(train_dataset)
             return LengthBatchSampler([len(row["input_ids"]) for row in dataset],
                                       self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            prefix = inputs.pop("prefix_hidden", None)
+            if prefix is not None:
+                cache.set_batch(prefix)
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
         def training_step(self, model, inputs, *args, **kwargs):
             mask = inputs["attention_mask"]
@@ -172,8 +182,11 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         log.info("resuming from %s", resume)
+    cache = None
+    if cfg.finetune.get("cache_prefix"):
+        rows, cache = with_cached_prefix(cfg, model, rows, tokenizer.pad_token_id, on, dtype)
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1)
-    trainer = pipeline_trainer(cfg.finetune.head_learning_rate)(
+    trainer = pipeline_trainer(cfg.finetune.head_learning_rate, cache=cache)(
         model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
         data_collator=collator, processing_class=tokenizer)
     for callback in trainer.callback_handler.callbacks:
@@ -181,7 +194,11 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
         if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
             callback.logging_dir = str(tracking_dir)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if cache is not None:
+            cache.restore()
     seconds = time.perf_counter() - start
     real, padded = trainer.real_tokens, trainer.padded_tokens
     stats = {"train_seconds": round(seconds, 2), "train_rows": len(rows), "train_tokens": real,
@@ -189,3 +206,23 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
              "padding_waste": round(1 - real / padded, 4) if padded else 0.0, "resumed_from": resume,
              "global_step": int(trainer.state.global_step)}
     return trainer.model, stats
+
+
+def with_cached_prefix(cfg: DictConfig, model, rows: list[dict], pad_id: int, on: torch.device,
+                       dtype: torch.dtype) -> tuple[list[dict], prefix_cache.PrefixCache | None]:
+    """finetune.cache_prefix: each row's output of the frozen layers, computed once, and the stand-ins installed
+    (see pipeline/prefix_cache.py); the rows unchanged and no cache when it would not fit the memory budget."""
+    first = prefix_cache.first_trained_layer(cfg.finetune.lora)
+    hidden = int(model.config.hidden_size)
+    size = prefix_cache.cache_gb([len(r["input_ids"]) for r in rows], hidden, dtype)
+    budget = float(cfg.finetune.cache_prefix_max_gb)
+    if size > budget:
+        log.warning("finetune.cache_prefix: the cache would take %.1f GB (> finetune.cache_prefix_max_gb=%g): "
+                    "training uncached", size, budget)
+        return rows, None
+    start = time.perf_counter()
+    prefixes = prefix_cache.compute(model, [r["input_ids"] for r in rows], first, pad_id,
+                                    int(cfg.embed.batch_tokens), on, dtype)
+    log.info("finetune.cache_prefix: layers 0-%d of %d rows cached once (%.2f GB, %.0f s)", first - 1, len(rows),
+             size, time.perf_counter() - start)
+    return [{**r, "prefix": p} for r, p in zip(rows, prefixes)], prefix_cache.PrefixCache.install(model, first)

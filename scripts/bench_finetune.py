@@ -11,6 +11,9 @@ per second, over this machine's GEMM peak measured here in the pipeline's comput
 Last line: speedup=X.XX padding_waste=Y.YY peak_fraction=Z.ZZ
 
     python scripts/bench_finetune.py --profile   # where a LoRA step's seconds go (torch profiler), then the bench
+    python scripts/bench_finetune.py --top-layers 8 --epochs 3   # LoRA on the top 8 layers, with the frozen
+        # prefix cached (finetune.cache_prefix), beside today's setup; last line:
+        # top_layers_ratio=X.XX cached_ratio=Y.YY cached_vs_uncached_loss=Z
 """
 from __future__ import annotations
 
@@ -21,13 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import benchmarking as bench  # noqa: E402
 from pipeline import modeling  # noqa: E402
 from pipeline.formatting import encode_frame  # noqa: E402
-from pipeline.training import PaddingCollator, pipeline_trainer, training_arguments, training_rows  # noqa: E402,E501
+from pipeline.training import (PaddingCollator, pipeline_trainer, training_arguments, training_rows,  # noqa: E402
+                               with_cached_prefix)
 
 
 # Profiler op names -> what they are in a LoRA step, for the --profile breakdown.
@@ -73,26 +78,57 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
     n_params = bench.non_embedding_params(model)
     model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=fixed_length or 1)
+    bench.synchronize(on)
+    start = time.perf_counter()  # the prefix cache's one-time pass counts
+    cache = None
+    if cfg.finetune.cache_prefix:
+        rows, cache = with_cached_prefix(cfg, model, rows, tokenizer.pad_token_id, on, dtype)
     with tempfile.TemporaryDirectory() as out:
         args = training_arguments(cfg, Path(out), cfg.seed, dtype, on)
         args.train_sampling_strategy = "group_by_length" if grouped else "sequential"
         args.save_strategy = "no"
         args.disable_tqdm = True
-        trainer = pipeline_trainer(None, tight_length_batches)(model=model, args=args, train_dataset=rows,
-                                                               data_collator=collator)
-        bench.synchronize(on)
-        start = time.perf_counter()
-        trainer.train()
+        trainer = pipeline_trainer(None, tight_length_batches, cache=cache)(model=model, args=args,
+                                                                            train_dataset=rows, data_collator=collator)
+        result = trainer.train()
         bench.synchronize(on)
         seconds = time.perf_counter() - start
     real = trainer.real_tokens
     return {"seconds": seconds, "tokens_per_s": real / seconds, "waste": 1 - real / trainer.padded_tokens,
-            "flops_per_s": 4 * n_params * real / seconds, "n_params": n_params}
+            "flops_per_s": 4 * n_params * real / seconds, "n_params": n_params, "rows_per_s": len(rows) *
+            float(cfg.finetune.epochs) / seconds, "loss": result.training_loss}
+
+
+def top_layer_runs(cfg, source, tokenizer, rows, dtype, on, top: int, epochs: int) -> list[tuple[str, dict]]:
+    """Today's setup (LoRA on every layer) beside LoRA on the top `top` layers, uncached and with the frozen
+    layers' output cached (finetune.cache_prefix), each for `epochs` epochs over the same rows."""
+    n_layers = int(bench.classifier(cfg, source, tokenizer, dtype, on).config.num_hidden_layers)
+    runs = []
+    for name, overrides in (
+            ("every layer (today)", {}),
+            (f"top {top} layers", {"layers_to_transform": list(range(n_layers - top, n_layers))}),
+            (f"top {top} layers, cached prefix", {"layers_to_transform": list(range(n_layers - top, n_layers)),
+                                                   "cache_prefix": True})):
+        variant = cfg.copy()
+        variant.finetune.epochs = epochs
+        variant.finetune.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"]
+        if "layers_to_transform" in overrides:
+            OmegaConf.update(variant, "finetune.lora.layers_to_transform", overrides["layers_to_transform"],
+                             force_add=True)
+        variant.finetune.cache_prefix = overrides.get("cache_prefix", False)
+        runs.append((name, train_once(variant, source, tokenizer, rows, dtype, on, grouped=True,
+                                      fixed_length=None)))
+    return runs
 
 
 def main() -> None:
     parser = bench.common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true", help="first profile a few pipeline training steps")
+    parser.add_argument("--top-layers", type=int, default=0,
+                        help="also LoRA on the top K layers only, uncached and with the cached prefix, beside today's "
+                             "setup (rows/s and the loss reached), for --epochs epochs")
+    parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
     cfg = bench.compose(args, f"finetune.per_device_batch_size={args.batch_rows}", "finetune.swap_augmentation=false",
                         "finetune.epochs=1", "finetune.report_to=none")
@@ -107,6 +143,15 @@ def main() -> None:
           f"device {on}, pipeline dtype {dtype}")
     if args.profile:
         profile_steps(cfg, source, tokenizer, rows, dtype, on)
+    if args.top_layers:
+        runs = top_layer_runs(cfg, source, tokenizer, rows, dtype, on, args.top_layers, args.epochs)
+        bench.print_table([(name, f"{r['seconds']:.1f}", f"{r['rows_per_s']:.2f}", f"{r['loss']:.4f}")
+                           for name, r in runs], ("LoRA on", "seconds", "train rows/s", "mean train loss"))
+        today, top, cached = (r for _, r in runs)
+        print(f"top_layers_ratio={top['rows_per_s'] / today['rows_per_s']:.2f} "
+              f"cached_ratio={cached['rows_per_s'] / today['rows_per_s']:.2f} "
+              f"cached_vs_uncached_loss={cached['loss'] - top['loss']:+.5f}")
+        return
 
     naive = train_once(cfg, source, tokenizer, rows, torch.float32, on, grouped=False,
                        fixed_length=cfg.model.max_length)

@@ -29,8 +29,8 @@ def assert_steps_change_only_trainable_weights(cfg: DictConfig) -> None:
     snapshots = {}
     original_trainer = training.pipeline_trainer
 
-    def recording_trainer(head_lr):
-        cls = original_trainer(head_lr)
+    def recording_trainer(head_lr, **kwargs):
+        cls = original_trainer(head_lr, **kwargs)
 
         class Recording(cls):
             def train(self, *args, **kwargs):

@@ -107,8 +107,8 @@ def test_killed_fold_resumes_from_trainer_checkpoint(tiny_cfg, tmp_path, monkeyp
 
     original = training.pipeline_trainer
 
-    def killed_after_step_4(head_lr):
-        class Killing(original(head_lr)):
+    def killed_after_step_4(head_lr, **kwargs):
+        class Killing(original(head_lr, **kwargs)):
             def training_step(self, *args, **kwargs):
                 if self.state.global_step == 4:
                     raise Killed

@@ -1,0 +1,82 @@
+"""finetune.cache_prefix: training the top layers on cached activations of the frozen ones computes the same step."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import inputs, modeling, prefix_cache, training
+from pipeline.data import load_pairs
+from pipeline.errors import UserError
+from pipeline.formatting import encode_frame
+
+
+# LoRA on the top layer of the tiny 2-layer model (peft takes layers_to_transform with a list of target modules).
+TOP_LAYER = ("+finetune.lora.layers_to_transform=[1]",
+             "finetune.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
+
+
+def loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_cached_prefix_step_gives_the_same_loss_and_gradients(tiny_cfg, family):
+    """LoRA on the top decoder layer of a 2-layer tiny model: a step whose lower layer is replaced by its cached
+    output (rows of different lengths, right-padded) gives the loss and every trainable gradient of the uncached
+    step; restore() gives back the whole model. Gemma-2 too (it scales its embeddings and picks masks per layer)."""
+    cfg = tiny_cfg(f"model.tiny.family={family}", "model.precision=fp32", "model.max_length=600", *TOP_LAYER)
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame.iloc[:6]
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    rows = training.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(6), False)
+    assert len({len(r["input_ids"]) for r in rows}) > 1
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.float32, cpu), cfg.model,
+                              cfg.finetune.lora, False)
+    with torch.no_grad():  # LoRA B starts at zero: move it, so the gradients of A are not trivially zero too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora" in n}
+    assert trained and all(".layers.1." in n for n in trained)
+    batch = training.PaddingCollator(tokenizer.pad_token_id)(rows)
+    uncached = loss_and_grads(model, {k: v for k, v in batch.items() if k != "prefix_hidden"})
+
+    first = prefix_cache.first_trained_layer(cfg.finetune.lora)
+    prefixes = prefix_cache.compute(model, [r["input_ids"] for r in rows], first, tokenizer.pad_token_id, 4096, cpu,
+                                    torch.float32)
+    assert [p.shape[0] for p in prefixes] == [len(r["input_ids"]) for r in rows]
+    cached_batch = training.PaddingCollator(tokenizer.pad_token_id)([{**r, "prefix": p} for r, p in zip(rows, prefixes)])
+    cache = prefix_cache.PrefixCache.install(model, first)
+    cache.set_batch(cached_batch.pop("prefix_hidden"))
+    cached = loss_and_grads(model, cached_batch)
+    cache.restore()
+    assert cached[0] == pytest.approx(uncached[0], abs=1e-6)
+    assert set(cached[1]) == set(uncached[1])
+    for name, grad in uncached[1].items():
+        torch.testing.assert_close(cached[1][name], grad, atol=1e-6, rtol=1e-5)
+    assert loss_and_grads(model, {k: v for k, v in batch.items() if k != "prefix_hidden"})[0] == \
+        pytest.approx(uncached[0], abs=1e-6)
+
+
+def test_cache_prefix_trains_a_fold_and_needs_top_layers_only(tiny_cfg):
+    from pipeline import context
+    from pipeline.stages import finetune
+
+    cfg = tiny_cfg("finetune.cache_prefix=true", *TOP_LAYER, "finetune.max_steps=2")
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    rows = training.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
+    model, stats = finetune.train_fold(context.open_run(cfg, "finetune"), 0, source, tokenizer, rows)
+    assert stats["global_step"] == 2
+    assert not any(isinstance(m, prefix_cache.CachedPrefix) for m in model.modules())  # the whole model is back
+    with pytest.raises(UserError, match="layers_to_transform"):
+        prefix_cache.first_trained_layer(tiny_cfg().finetune.lora)
