@@ -104,10 +104,11 @@ def lora_params(shape: ModelShape, r: int, targets) -> int:
 
 def plan(shape: ModelShape, quantization: str, weight_bytes: int, lora_r: int, lora_targets, max_length: int,
          per_device_batch_size: int, gradient_checkpointing: bool, eager_attention: bool, batch_tokens: int,
-         captured_layers: int, gpu_memory_gb: float, scoring_length: int | None = None) -> MemoryPlan:
+         captured_layers: int, gpu_memory_gb: float, scoring_length: int | None = None,
+         lm_features: bool = False) -> MemoryPlan:
     """The memory one device needs to fine-tune (at `per_device_batch_size` rows of `max_length` tokens) and to
-    score (`batch_tokens` per batch of rows up to `scoring_length` tokens, embed.max_length; default max_length),
-    and the largest batch that fits `gpu_memory_gb`."""
+    score (`batch_tokens` per batch of rows up to `scoring_length` tokens, embed.max_length; default max_length; with
+    `lm_features`, the LM head's logits too), and the largest batch that fits `gpu_memory_gb`."""
     per_weight = WEIGHT_BYTES.get(quantization, weight_bytes)
     weights = (shape.linear_params * per_weight + shape.other_params * weight_bytes) / GB
     trainable = lora_params(shape, lora_r, lora_targets) + 3 * shape.hidden
@@ -122,6 +123,10 @@ def plan(shape: ModelShape, quantization: str, weight_bytes: int, lora_r: int, l
     scoring_tokens = max(batch_tokens, scoring_length)  # a batch holds at least one row
     scoring = (scoring_tokens * shape.activation_elements_per_token_layer(eager_attention, scoring_length)
                * ACTIVATION_BYTES + captured_layers * scoring_tokens * shape.hidden * 4) / GB
+    if lm_features:  # embed.lm_features: the fp32 LM head and one chunk's logits, log-probabilities and probabilities
+        from pipeline.inference import LM_CHUNK
+
+        scoring += (shape.vocab * shape.hidden * 4 + 3 * LM_CHUNK * shape.vocab * 4) / GB
 
     def total(batch: int) -> float:
         return max(weights + lora + batch * per_row, weights + scoring) + CONTEXT_GB

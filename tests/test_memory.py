@@ -35,6 +35,11 @@ def test_plan_moves_the_right_way():
     assert plan(lora_r=32).lora_gb == pytest.approx(2 * base.lora_gb, rel=0.01)
     assert plan(eager_attention=True).activations_per_row_gb > base.activations_per_row_gb
     assert plan(gpu_memory_gb=80).max_batch_size > base.max_batch_size > 0
+    # A longer scoring pass (embed.max_length) and the LM likelihoods (embed.lm_features) cost scoring memory:
+    # Llama-3-8B's fp32 LM head is 2.1 GB, a 1,024-position chunk of its logits 0.5 GB, three of them.
+    assert plan(scoring_length=4096, eager_attention=True).scoring_gb > plan(eager_attention=True).scoring_gb
+    lm_gb = (128256 * 4096 * 4 + 3 * 1024 * 128256 * 4) / 2 ** 30
+    assert plan(lm_features=True).scoring_gb - base.scoring_gb == pytest.approx(lm_gb, rel=1e-6)
 
 
 def test_largest_batch_is_the_largest_that_fits():

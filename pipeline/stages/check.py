@@ -71,7 +71,7 @@ def memory_plan(cfg: DictConfig) -> memory.MemoryPlan | None:
                        int(cfg.finetune.lora.r), cfg.finetune.lora.get("target_modules"), int(cfg.model.max_length),
                        int(cfg.finetune.per_device_batch_size), bool(cfg.model.gradient_checkpointing), eager,
                        int(cfg.embed.batch_tokens), len(cfg.embed.layers), float(cfg.check.gpu_memory_gb),
-                       scoring_length=cfg.embed.max_length)
+                       scoring_length=cfg.embed.max_length, lm_features=bool(cfg.embed.lm_features))
 
 
 def summarise(data: PairData, tokenizer, max_length: int) -> dict:
