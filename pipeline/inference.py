@@ -69,7 +69,6 @@ def span_likelihoods(hidden: torch.Tensor, ids: torch.Tensor, spans: Sequence[Se
     return means.reshape(len(spans), n_spans, 2).float().numpy()
 
 
-
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None) -> list[list[int]]:
     """Row indices grouped longest-first so that rows x padded length stays within `batch_tokens`."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

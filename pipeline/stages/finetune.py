@@ -1,8 +1,9 @@
 """stage=finetune: K-fold LoRA fine-tune of a sequence classifier with leak-free out-of-fold predictions.
 
 For each fold k: train a LoRA adapter (+ the full `score` head, optionally started from the LM's verdict-word
-embeddings and trained at its own learning rate) on the other folds (plus any `data.extra` rows) with the HF
-Trainer, then score the held-out fold k in eval mode. That scoring pass is the embed pass: the same forward pass
+embeddings, or from `finetune.init_adapter`, and trained at its own learning rate) on the other folds (plus any
+`data.extra` rows) with the HF Trainer (pipeline/training.py; `finetune.train=false` takes no step: the
+frozen-feature path), then score the held-out fold k in eval mode, at `embed.max_length` tokens when set. That scoring pass is the embed pass: the same forward pass
 gives the head's OOF probabilities and the pooled vectors the stacker reads, written as `embed/fold_k/`, so
 stage=embed has nothing left to redo. Finished folds are skipped on re-runs; an unfinished fold resumes from its
 last Trainer checkpoint; a fold made with a different setup is reported, never mixed in.
