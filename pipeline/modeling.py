@@ -305,11 +305,15 @@ def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkp
     if not isinstance(config, LoraConfig):
         raise UserError(f"finetune.lora._target_ must build a peft.LoraConfig, got {type(config).__name__}")
     model = get_peft_model(model, config)
-    # Trainable weights stay fp32 (optimizer precision) even when the frozen base is bf16; autocast mixes them.
+    trainable_in_fp32(model)
+    return model
+
+
+def trainable_in_fp32(model) -> None:
+    """Trainable weights stay fp32 (optimizer precision) even when the frozen base is bf16; autocast mixes them."""
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return model
 
 
 def check_init_adapter(adapter_dir: Path, lora_cfg: DictConfig) -> None:
@@ -343,9 +347,7 @@ def load_init_adapter(model, adapter_dir: Path) -> None:
     if missing:
         raise UserError(f"finetune.init_adapter={adapter_dir}: {len(missing)} of its tensors fit no module of this "
                         f"model (first {missing[0]}); was it trained on another base model?")
-    for param in model.parameters():  # trainable weights stay fp32, as add_lora left them
-        if param.requires_grad:
-            param.data = param.data.float()
+    trainable_in_fp32(model)  # as add_lora left them
 
 
 def load_with_adapter(source: Path | str, model_cfg: DictConfig, tokenizer, adapter_dir: Path, dtype: torch.dtype,

@@ -124,6 +124,16 @@ def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair] | None,
     return rows
 
 
+def all_training_rows(tokenizer, frame, model_cfg: DictConfig, swap_augmentation: bool) -> list[dict]:
+    """Every row of a labelled frame as trainer rows (data.extra for each fold; data.train and data.extra for
+    stage=fit), with their swapped copies under swap augmentation."""
+    from pipeline.formatting import encode_frame
+
+    encoded = encode_frame(tokenizer, frame, model_cfg)
+    swapped = encode_frame(tokenizer, frame, model_cfg, swap=True) if swap_augmentation else None
+    return training_rows(encoded, swapped, frame["label"].to_numpy(), np.arange(len(encoded)), swap_augmentation)
+
+
 def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torch.dtype, on: torch.device):
     from transformers import TrainingArguments
 

@@ -38,9 +38,9 @@ def main() -> None:
     frames = [pd.read_csv(args.shared / name, dtype=str, keep_default_na=False) for name in files]
     data = pd.concat(frames, ignore_index=True)
     if args.exclude:
-        from pipeline.data import load_pairs
+        from pipeline.data import load_pairs, parse_frame
 
-        tidy = load_pairs(_write_tmp(data), with_labels=True).frame
+        tidy = parse_frame(data, source=", ".join(files), with_labels=True).frame
         prompts = {"\x1f".join(t) for path in args.exclude
                    for t in load_pairs(path, with_labels=True).frame["prompt"]}
         keep = ~tidy["prompt"].map(lambda turns: "\x1f".join(turns) in prompts).to_numpy()
@@ -52,15 +52,6 @@ def main() -> None:
     sample.to_csv(args.out, index=False)
     counts = sample[["winner_model_a", "winner_model_b", "winner_tie"]].astype(float).sum().astype(int).tolist()
     print(f"{args.out}: {len(sample)} rows from {', '.join(files)}; a/b/tie = {counts}")
-
-
-def _write_tmp(data: pd.DataFrame) -> Path:
-    """The concatenated files as one CSV, for the pipeline's own parser (the same turns the stages read)."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp()) / "shared.csv"
-    data.to_csv(path, index=False)
-    return path
 
 
 if __name__ == "__main__":

@@ -53,10 +53,7 @@ def extra_training_rows(ctx: RunContext, tokenizer) -> list[dict]:
     extra = inputs.load_extra(ctx.cfg, ctx.train)
     if extra is None:
         return []
-    swap = bool(ctx.cfg.finetune.swap_augmentation)
-    encoded = encode_frame(tokenizer, extra.frame, ctx.cfg.model)
-    swapped = encode_frame(tokenizer, extra.frame, ctx.cfg.model, swap=True) if swap else None
-    return training.training_rows(encoded, swapped, extra.frame["label"].to_numpy(), np.arange(len(encoded)), swap)
+    return training.all_training_rows(tokenizer, extra.frame, ctx.cfg.model, bool(ctx.cfg.finetune.swap_augmentation))
 
 
 @dataclass

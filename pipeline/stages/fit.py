@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import shutil
 
-import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import artifacts, context, inputs, modeling, setups, training
-from pipeline.formatting import encode_frame
 
 log = logging.getLogger(__name__)
 HOW_TO_FIX = "use a new exp_name, or delete that folder to fit again"
@@ -32,15 +30,9 @@ def run(cfg: DictConfig) -> dict:
         return artifacts.read_state(lay.fit)["stats"]
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    swap = bool(cfg.finetune.swap_augmentation)
-    rows = []
-    for data in (ctx.train, inputs.load_extra(cfg, ctx.train)):
-        if data is None:
-            continue
-        encoded = encode_frame(tokenizer, data.frame, cfg.model)
-        swapped = encode_frame(tokenizer, data.frame, cfg.model, swap=True) if swap else None
-        rows += training.training_rows(encoded, swapped, data.frame["label"].to_numpy(), np.arange(len(encoded)),
-                                       swap)
+    rows = [row for data in (ctx.train, inputs.load_extra(cfg, ctx.train)) if data is not None
+            for row in training.all_training_rows(tokenizer, data.frame, cfg.model,
+                                                  bool(cfg.finetune.swap_augmentation))]
     started = artifacts.read_state(lay.fit)
     if ctx.is_main and started and artifacts.changed_setup(started, setup):
         shutil.rmtree(lay.fit / "checkpoints", ignore_errors=True)  # another setup's steps are not this run's
