@@ -71,16 +71,23 @@ def _pid_alive(pid: int) -> bool:
 TEMP_SUFFIX = ".pipeline-tmp"  # only files with this suffix are ever cleaned up: never a user's own *.tmp
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Temp files left by a killed writer (`.NAME.PID.XXXX.pipeline-tmp` whose PID is gone): removed on the next
-    run. Only called on an experiment folder (whose name was checked to stay inside paths.output_dir)."""
+def remove_stale_temp_files(folder: Path, name: str | None = None) -> list[Path]:
+    """Temp files and staging folders left by a killed writer (`.NAME.PID.XXXX.pipeline-tmp` whose PID is gone):
+    removed on the next run. Called on an experiment folder (whose name was checked to stay inside
+    paths.output_dir), searched through; with `name`, only that target's own leftovers directly in `folder` (an
+    export folder's parent, which holds the user's other files)."""
     removed = []
-    for tmp in folder.rglob(f".*{TEMP_SUFFIX}"):
+    found = folder.glob(f".{name}.*{TEMP_SUFFIX}") if name else folder.rglob(f".*{TEMP_SUFFIX}")
+    for tmp in sorted(found, key=lambda p: len(p.parts), reverse=True):
         parts = tmp.name.split(".")
         pid = next((int(p) for p in parts[2:-1] if p.isdigit()), None)
-        if pid is not None and not _pid_alive(pid):
+        if pid is None or _pid_alive(pid) or not tmp.exists():
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+        removed.append(tmp)
     return removed
 
 
@@ -165,7 +172,7 @@ def drop_metrics(exp: Path, stage: str) -> None:
 
 def staging_dir(target: Path) -> Path:
     """A fresh folder beside `target` to write a unit of results into, private to this process."""
-    staging = target.parent / f".{target.name}.{os.getpid()}.new"
+    staging = target.parent / f".{target.name}.{os.getpid()}.new{TEMP_SUFFIX}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
@@ -174,7 +181,7 @@ def staging_dir(target: Path) -> Path:
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap a fully written folder into place: the old one is renamed aside first and removed after, so a kill
     leaves either the old or the new folder under `target`, never a mix."""
-    old = target.parent / f".{target.name}.{os.getpid()}.old"
+    old = target.parent / f".{target.name}.{os.getpid()}.old{TEMP_SUFFIX}"
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)

@@ -95,9 +95,11 @@ def read_pairs(path: Path, with_labels: bool) -> PairData:
     return _PARSED[with_labels][1]
 
 
-def open_run(cfg: DictConfig, stage: str, out_root: Path | None = None) -> RunContext:
+def open_run(cfg: DictConfig, stage: str, out_root: Path | None = None, record: bool = True) -> RunContext:
     """Resolve and read data.train / data.test once, create or check the folds, record how the stage is run (in
-    `out_root`/manifests/: the experiment folder unless a multirun job or stage=predict writes elsewhere)."""
+    `out_root`/manifests/: the experiment folder unless a multirun job or stage=predict writes elsewhere). With
+    `record=False` the stage writes its manifest itself once its results are in place (stage=stack: a refused run
+    must leave the record of the finished stacker as it was)."""
     layout = Layout.of(cfg)
     out = Layout(out_root) if out_root is not None else layout
     if out.root != layout.root and not layout.root.is_dir():
@@ -107,5 +109,6 @@ def open_run(cfg: DictConfig, stage: str, out_root: Path | None = None) -> RunCo
     train = read_pairs(paths.train, with_labels=True)
     test = read_pairs(paths.test, with_labels=False) if paths.test is not None else None
     fold_of = folds.load_or_create(layout.root, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
-    artifacts.write_manifest(out.root, cfg, stage)
+    if record:
+        artifacts.write_manifest(out.root, cfg, stage)
     return RunContext(cfg, layout, out, paths.train, paths.test, train, test, fold_of["fold"].to_numpy())

@@ -307,9 +307,9 @@ def finetune_fold_states(ctx: RunContext) -> list[dict]:
     missing = [k for k, s in enumerate(states) if not (s and s.get(layout.DONE))]
     if missing:
         raise UserError(f"finetune folds {missing} of {lay.root} are not finished; run stage=finetune first")
-    expected = setups.finetune_setup(cfg)
-    settings = setups.finetune_settings(cfg)
     for k, state in enumerate(states):
+        expected = setups.finished_fold_setup(cfg, state)
+        settings = setups.finetune_settings(setups.as_trained(cfg, state))
         if state.get("data") != expected["data"]:
             raise UserError(f"data.train differs from the file fold {k}'s adapter of {lay.root} was trained on "
                             f"(content {state.get('data')} vs {expected['data']}); use that file, or a new exp_name")

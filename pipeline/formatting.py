@@ -76,16 +76,16 @@ def truncate(ids: Sequence[int], keep: int, side: str) -> list[int]:
 
 def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_ids: Sequence[int],
              b_ids: Sequence[int], max_length: int, prompt_max_fraction: float, truncation_side: str,
-             prefix_ids: Sequence[int] = ()) -> EncodedPair:
+             prefix_ids: Sequence[int] = (), length_key: str = "model.max_length") -> EncodedPair:
     """Concatenate the prefix (the tokenizer's BOS, if it adds one), markers and budgeted segments; return ids and
-    the spans."""
+    the spans. `length_key` names the setting `max_length` came from in an error."""
     if truncation_side not in TRUNCATION_SIDES:
         raise UserError(f"model.truncation_side={truncation_side}: use one of {', '.join(TRUNCATION_SIDES)}")
     fixed = len(prefix_ids) + sum(len(m) for m in marker_ids)
     available = max_length - fixed
     if available < 3:
-        raise UserError(f"model.max_length={max_length} leaves no room for text after the {fixed} template tokens; "
-                        f"raise it above {fixed + 3}")
+        raise UserError(f"{length_key}={max_length} leaves no room for text after the {fixed} template tokens; "
+                        f"raise it to at least {fixed + 3}")
     lengths = [len(prompt_ids), len(a_ids), len(b_ids)]
     budgets = allocate_budget(lengths, available, [max(1, int(available * prompt_max_fraction)), None, None])
     segments = [truncate(ids, n, truncation_side) for ids, n in zip((prompt_ids, a_ids, b_ids), budgets)]
@@ -102,7 +102,8 @@ def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_i
 
 def encode_pairs(tokenize: Callable[[list[str]], list[list[int]]], prompts: Sequence[Sequence[str]],
                  responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequence[str]], max_length: int,
-                 prompt_max_fraction: float, truncation_side: str, prefix_ids: Sequence[int] = ()) -> list[EncodedPair]:
+                 prompt_max_fraction: float, truncation_side: str, prefix_ids: Sequence[int] = (),
+                 length_key: str = "model.max_length") -> list[EncodedPair]:
     """Encode many rows. `tokenize` maps texts to token ids without special tokens (batched for speed);
     `prefix_ids` start every sequence (see leading_special_ids)."""
     marker_ids = tokenize(list(MARKERS))
@@ -111,7 +112,7 @@ def encode_pairs(tokenize: Callable[[list[str]], list[list[int]]], prompts: Sequ
         [segment_text(t) for t in responses_b]
     ids = tokenize(texts)
     return [assemble(marker_ids, ids[i], ids[n + i], ids[2 * n + i], max_length, prompt_max_fraction,
-                     truncation_side, prefix_ids) for i in range(n)]
+                     truncation_side, prefix_ids, length_key) for i in range(n)]
 
 
 def tokenizer_fn(tokenizer) -> Callable[[list[str]], list[list[int]]]:
@@ -141,4 +142,11 @@ def encode_frame(tokenizer, frame, model_cfg, swap: bool = False, max_length: in
     first, second = ("response_b", "response_a") if swap else ("response_a", "response_b")
     return encode_pairs(tokenizer_fn(tokenizer), list(frame["prompt"]), list(frame[first]), list(frame[second]),
                         int(max_length or model_cfg.max_length), model_cfg.prompt_max_fraction,
-                        model_cfg.truncation_side, leading_special_ids(tokenizer))
+                        model_cfg.truncation_side, leading_special_ids(tokenizer),
+                        "embed.max_length" if max_length else "model.max_length")
+
+
+def template_tokens(tokenizer) -> int:
+    """The tokens every pair spends on the template (the tokenizer's BOS and the markers): a length setting must
+    leave room beyond them."""
+    return len(leading_special_ids(tokenizer)) + sum(len(ids) for ids in tokenizer_fn(tokenizer)(list(MARKERS)))

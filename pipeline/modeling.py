@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline import artifacts
+from pipeline import artifacts, warm_start
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -328,8 +328,11 @@ def check_init_adapter(adapter_dir: Path, lora_cfg: DictConfig) -> None:
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
     ours = {"r": lora_cfg.get("r"), "target_modules": lora_cfg.get("target_modules")}
     theirs = {"r": saved.get("r"), "target_modules": saved.get("target_modules")}
-    if ours["r"] != theirs["r"] or (ours["target_modules"] != "all-linear" and theirs["target_modules"] is not None
-                                     and sorted(ours["target_modules"]) != sorted(theirs["target_modules"])):
+    # Short names on both sides: an all-linear fit saves the modules it found, possibly as full module paths.
+    our_modules, their_modules = (warm_start.lora_module_names(m) for m in (ours["target_modules"],
+                                                                           theirs["target_modules"]))
+    if ours["r"] != theirs["r"] or (our_modules is not None and their_modules is not None
+                                     and our_modules != their_modules):
         raise UserError(f"finetune.init_adapter={adapter_dir} has r={theirs['r']}, target_modules="
                         f"{theirs['target_modules']}; this fine-tune trains r={ours['r']}, target_modules="
                         f"{ours['target_modules']}: set finetune.lora to match it")

@@ -17,6 +17,7 @@ Nothing is written unless asked (`export`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ from pipeline.errors import UserError
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 1
 EXPORT_MODES = ("adapters", "merged")
+# What an export writes at its top level; anything else in an export folder (README's `wheels/`, a user's notes) is
+# the user's and survives a re-export.
+EXPORT_ENTRIES = ("model", "adapters", "stack", EXPORT_FILE, "README.md")
 
 
 @dataclass
@@ -196,7 +200,25 @@ class Predictor:
             raise UserError("export.model=merged cannot give the base model's vectors or likelihoods "
                             "(stack.vectors.source=base); use export.model=adapters")
         folder = Path(folder)
+        check_export_target(folder, Path(self.info["path"]), experiment=self.info["source"] == "experiment")
+        artifacts.remove_stale_temp_files(folder.parent, name=folder.name)
         staging = artifacts.staging_dir(folder)
+        try:
+            record = self._write_export(staging, mode, made_by)
+            keep_user_entries(folder, staging)
+            artifacts.replace_dir(staging, folder)
+        except BaseException as exc:  # an interrupt or a refusal too: the staging copy never stays behind
+            restore_user_entries(staging, folder)
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):  # disk full, a read-only target (shutil.Error is one, with no errno)
+                raise UserError(f"export to {folder} failed ({export_failure(exc)}); nothing was replaced: free "
+                                "space there or choose another export.dir") from None
+            raise
+        return {"dir": str(folder), "mode": mode, "size_mb": round(folder_size(folder) / 2 ** 20, 1),
+                "n_folds": len(record["folds"])}
+
+    def _write_export(self, staging: Path, mode: str, made_by: Sequence[str]) -> dict:
+        """Everything an export holds, written into `staging`; returns its export.json record."""
         length = self.spec.baselines["length"].name
         records = [stacking.save_fold_model(m, staging / "stack" / f"fold_{k}", length)
                    for k, m in enumerate(self.fold_models)]
@@ -230,9 +252,7 @@ class Predictor:
         artifacts.write_json(staging / EXPORT_FILE, record)
         artifacts.write_text(staging / "README.md", model_card(record))
         artifacts.apply_user_mode(staging)
-        artifacts.replace_dir(staging, folder)
-        return {"dir": str(folder), "mode": mode, "size_mb": round(folder_size(folder) / 2 ** 20, 1),
-                "n_folds": len(records)}
+        return record
 
     def merged_model(self):
         """The fold adapters averaged into one (exact for the mean of the merged fold models) and merged into the
@@ -240,28 +260,31 @@ class Predictor:
         CPU from the unquantised base (a merge into 4-bit weights would be lossy) and the result is stored in the
         base checkpoint's own dtype (Llama-3's bf16, SmolLM2's converted fp32); a quantised preset quantises it again
         when it is loaded."""
-        if len(self.adapters) == 1:
-            averaged = self.adapters[0]
-        else:
-            averaged = Path(tempfile.mkdtemp(prefix="averaged_")) / "adapter"
-            extraction.average_adapters(self.adapters, averaged)
         model_cfg = OmegaConf.merge(self.cfg.model, {"quantization": "none"})
-        model = modeling.load_with_adapter(self.source, model_cfg, self.tokenizer, averaged, torch.float32,
-                                           torch.device("cpu")).merge_and_unload()
+        with tempfile.TemporaryDirectory(prefix="averaged_") as scratch:  # removed once the merge has read it
+            averaged = self.adapters[0]
+            if len(self.adapters) > 1:
+                averaged = Path(scratch) / "adapter"
+                extraction.average_adapters(self.adapters, averaged)
+            model = modeling.load_with_adapter(self.source, model_cfg, self.tokenizer, averaged, torch.float32,
+                                               torch.device("cpu")).merge_and_unload()
         return model.to(checkpoint_dtype(Path(str(self.source))))
 
 
 def recorded_experiment_config(exp: Path) -> DictConfig:
-    """The config the experiment's stacker was made with (manifests/stack.json), pointed at where the folder is
-    now, with the recorded stack settings (stacking.with_recorded_stack; nothing beyond the allow-list trusted)."""
+    """The config the experiment's stacker was made with (stack/model.json, written with the stacker as one unit;
+    manifests/stack.json for stackers made before it recorded one), pointed at where the folder is now, with the
+    recorded stack settings (stacking.with_recorded_stack; nothing beyond the allow-list trusted)."""
     lay = layout.Layout(exp)
-    manifest = lay.manifest("stack")
-    if not manifest.is_file():
+    model_file, manifest = lay.stack / layout.MODEL_FILE, lay.manifest("stack")
+    if not artifacts.read_state(lay.stack) or not model_file.is_file():
         raise UserError(f"{lay.stack} holds no finished stacker; run stage=stack (or stage=all) first")
     try:
-        cfg = setups.with_added_settings(OmegaConf.create(artifacts.read_json(manifest)["config"]))
-    except (ValueError, KeyError):
-        raise UserError(f"{manifest} is damaged; re-run stage=stack") from None
+        saved = artifacts.read_json(model_file)
+        config = saved["config"] if "config" in saved else artifacts.read_json(manifest)["config"]
+        cfg = setups.with_added_settings(OmegaConf.create(config))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{model_file} is damaged; re-run stage=stack") from None
     cfg.paths.exp_dir, cfg.paths.output_dir, cfg.exp_name = str(exp), str(exp.parent), exp.name
     cfg.data.test = None
     from pipeline import inputs
@@ -271,6 +294,49 @@ def recorded_experiment_config(exp: Path) -> DictConfig:
         raise UserError(f"{train} (the experiment's train file) not found: the stacker is refitted from it; copy it "
                         "back, or score with an export (stage=export), which needs no training data")
     return stacking.with_recorded_stack(cfg, lay, trusted=OmegaConf.create({}))
+
+
+def check_export_target(target: Path, source: Path, experiment: bool) -> None:
+    """export.dir may name a new folder, an empty one, or an earlier export (it holds export.json): never a file, a
+    folder holding anything else, the folder the export is made from or one above it, nor a folder inside an
+    experiment other than its own `export/` (a stage would replace it)."""
+    resolved, source = target.resolve(), source.resolve()
+    fix = f"choose a new or empty folder for export.dir (the default is {source / 'export'})" if experiment else \
+        "choose a new or empty folder for export.dir"
+    if resolved == source or resolved in source.parents:
+        raise UserError(f"export.dir={target} holds {source}, which the export is made from: an export replaces "
+                        f"its folder whole; {fix}")
+    if source in resolved.parents and not (experiment and resolved == source / "export"):
+        raise UserError(f"export.dir={target} is inside {source}, whose stages replace their folders; {fix}")
+    if resolved.exists() and not resolved.is_dir():
+        raise UserError(f"export.dir={target} is a file; {fix}")
+    if resolved.is_dir() and not (resolved / EXPORT_FILE).is_file() and any(resolved.iterdir()):
+        raise UserError(f"export.dir={target} holds files and is not an earlier export (no {EXPORT_FILE}): an export "
+                        f"replaces only an earlier export; {fix}")
+
+
+def keep_user_entries(target: Path, staging: Path) -> None:
+    """Move what the user added to an earlier export (e.g. `wheels/`) into the new one before the swap."""
+    if (target / EXPORT_FILE).is_file():
+        for entry in target.iterdir():
+            if entry.name not in EXPORT_ENTRIES and not entry.name.endswith(artifacts.TEMP_SUFFIX):
+                os.replace(entry, staging / entry.name)
+
+
+def restore_user_entries(staging: Path, target: Path) -> None:
+    """Undo keep_user_entries when the swap failed, so the user's files stay in the old export."""
+    if staging.is_dir() and target.is_dir():
+        for entry in staging.iterdir():
+            if entry.name not in EXPORT_ENTRIES and not (target / entry.name).exists():
+                os.replace(entry, target / entry.name)
+
+
+def export_failure(exc: OSError) -> str:
+    """What went wrong, in words: a shutil.Error (copytree) carries its errors as (source, target, reason) rows."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        first = exc.args[0][0]
+        return str(first[-1]) if isinstance(first, tuple) else str(first)
+    return exc.strerror or str(exc)
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype:

@@ -49,13 +49,32 @@ def finetune_setup(cfg: DictConfig) -> dict:
     """What a finished fine-tune fold must agree with to be reused: seed, folds, train (and extra) file contents,
     the base model's weights (a fingerprint, see modeling.base_model_fingerprint) and the model, formatting and
     fine-tune settings."""
-    from pipeline import modeling
-
     init = cfg.finetune.get("init_adapter")
     # A warm start's weights by content (the path alone would not notice the adapter being retrained); absent
     # without one, so experiments made before the setting existed stay current.
     started_from = {"init_adapter": artifacts.file_fingerprint(Path(init) / "adapter_model.safetensors")} if init else {}
-    return {**started_from, "seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
+    return {**started_from, **_common_setup(cfg)}
+
+
+def as_trained(cfg: DictConfig, state: dict) -> DictConfig:
+    """`cfg` with the warm start a finished fold recorded: a stage that only reads the fold (embed, stack, predict,
+    export, the Predictor) never reads the start again (the fold's adapter carries it), so a start moved, deleted
+    or left off the command line blocks nothing."""
+    recorded = (state.get("settings") or {}).get("finetune", {}).get("init_adapter")
+    return OmegaConf.merge(cfg, {"finetune": {"init_adapter": recorded}})
+
+
+def finished_fold_setup(cfg: DictConfig, state: dict) -> dict:
+    """What a reading stage checks a finished fold against: finetune_setup as the fold was trained (as_trained),
+    with the start's fingerprint as the fold recorded it."""
+    started_from = {"init_adapter": state.get("init_adapter")} if "init_adapter" in state else {}
+    return {**started_from, **_common_setup(as_trained(cfg, state))}
+
+
+def _common_setup(cfg: DictConfig) -> dict:
+    from pipeline import modeling
+
+    return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
             "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train),
             "extra": artifacts.file_fingerprint(cfg.data.extra),
             "base_model": modeling.base_model_fingerprint(modeling.base_model_dir(cfg.model,

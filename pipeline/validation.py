@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline import extraction, modeling, stacking
+from pipeline import extraction, modeling, prefix_cache, stacking
 from pipeline.errors import UserError, require_int, require_number
 from pipeline.formatting import TRUNCATION_SIDES
 from pipeline.predictor import EXPORT_MODES
@@ -33,7 +33,12 @@ def validate_model(model_cfg: DictConfig, loads_model: bool = True) -> None:
                             "point it at a saved HF model folder")
 
 
-def validate_finetune(ft: DictConfig, n_folds: int) -> None:
+# The stages that train (and read finetune.init_adapter): the others use finished folds, which already carry the
+# warm start, so a moved or deleted start never blocks them.
+TRAINS = ("check", "finetune", "all", "fit")
+
+
+def validate_finetune(ft: DictConfig, n_folds: int, stage: str) -> None:
     require_int(ft.per_device_batch_size, "finetune.per_device_batch_size", 1)
     require_int(ft.gradient_accumulation_steps, "finetune.gradient_accumulation_steps", 1)
     require_number(ft.learning_rate, "finetune.learning_rate", 1e-12)
@@ -44,14 +49,45 @@ def validate_finetune(ft: DictConfig, n_folds: int) -> None:
         require_number(ft.epochs, "finetune.epochs", 1e-9)
     if not isinstance(ft.train, bool):
         raise UserError(f"finetune.train={ft.train}: use true (fine-tune) or false (the frozen-feature path)")
-    if ft.init_adapter:
+    if ft.init_adapter and stage in TRAINS:
         modeling.check_init_adapter(Path(str(ft.init_adapter)), ft.lora)
+    if stage == "fit" and not ft.train:
+        raise UserError("stage=fit with finetune.train=false would record an untrained adapter as a finished fit; "
+                        "drop finetune.train=false (the frozen-feature path is a stage=all / finetune setting)")
     if ft.head_init not in ("random", "verdict_tokens"):
         raise UserError(f"finetune.head_init={ft.head_init}: use random or verdict_tokens")
     if ft.folds is not None:
         bad = [k for k in ft.folds if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_folds]
         if bad:
             raise UserError(f"finetune.folds={list(ft.folds)}: {bad} are not folds of cv.n_folds={n_folds}")
+
+
+def validate_stack_inputs(spec: stacking.StackSpec, embed_cfg: DictConfig) -> None:
+    """A stage-two member that reads features the embed settings do not make fails here, not after the fine-tune."""
+    used = {m.name: m for m in [*spec.members, *spec.baselines.values()]}
+    needs_lm = sorted(name for name, m in used.items() if "likelihood" in m.groups)
+    if needs_lm and not embed_cfg.lm_features:
+        raise UserError(f"stack members {needs_lm} read the `likelihood` group (the LM's span likelihoods), which "
+                        "embed.lm_features=false does not make; set embed.lm_features=true or drop them from "
+                        "stack.blend_members / stack.baselines")
+
+
+def validate_lora_layers(ft: DictConfig, depth: int | None = None) -> None:
+    """finetune.lora.layers_to_transform and finetune.cache_prefix, as far as they can be told without (or, with
+    `depth`, with) the model: layers inside its depth, and a cached prefix below a list of target modules."""
+    layers = ft.lora.get("layers_to_transform")
+    if ft.get("cache_prefix"):
+        prefix_cache.first_trained_layer(ft.lora)  # one error line when no frozen prefix exists
+        if isinstance(ft.lora.get("target_modules"), str):
+            raise UserError(f"finetune.cache_prefix=true with finetune.lora.target_modules={ft.lora.target_modules}: "
+                            "layers_to_transform needs a list of modules, e.g. [q_proj, k_proj, v_proj, o_proj]")
+    if layers is None:
+        return
+    listed = [layers] if isinstance(layers, int) else list(layers)
+    bad = [x for x in listed if isinstance(x, bool) or not isinstance(x, int) or x < 0 or (depth and x >= depth)]
+    if bad:
+        bound = f"0..{depth - 1} (the model has {depth} layers)" if depth else "layer numbers >= 0"
+        raise UserError(f"finetune.lora.layers_to_transform={listed}: {bad} are not layers of this model; use {bound}")
 
 
 def validate_paths(cfg: DictConfig) -> None:
@@ -76,11 +112,16 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"cv.group_by={cfg.cv.group_by}: use prompt or the name of a column of the train file")
     require_int(cfg.seed, "seed", 0)
     validate_model(cfg.model, cfg.stage in LOADS_MODEL)
-    validate_finetune(cfg.finetune, n_folds)
+    validate_finetune(cfg.finetune, n_folds, cfg.stage)
     extraction.validate(cfg.embed)
     if cfg.embed.test_adapters == "averaged" and cfg.finetune.lora.get("use_dora"):
         raise UserError("embed.test_adapters=averaged with finetune.lora.use_dora=true: DoRA adapters cannot be "
                         "averaged exactly; use embed.test_adapters=each")
-    stacking.StackSpec.from_config(cfg.stack, cfg.seed)  # every member's estimator built once
+    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)  # every member's estimator built once
+    validate_stack_inputs(spec, cfg.embed)
+    validate_lora_layers(cfg.finetune)
+    memory_gb = cfg.check.gpu_memory_gb
+    if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0:
+        raise UserError(f"check.gpu_memory_gb={memory_gb}: give the GPU's memory in GB, a number > 0 (e.g. 24 or 80)")
     if cfg.export.model not in EXPORT_MODES:
         raise UserError(f"export.model={cfg.export.model}: use {' or '.join(EXPORT_MODES)}")

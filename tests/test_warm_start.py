@@ -2,7 +2,12 @@
 starts from a saved adapter) and finetune.train=false (the frozen-feature path)."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,16 +19,28 @@ from pipeline.errors import UserError
 from pipeline.formatting import encode_frame
 from pipeline.inference import forward_pass
 from pipeline.layout import Layout
-from pipeline.stages import all as all_stage, finetune, fit
+from pipeline.stages import all as all_stage, check, finetune, fit
+
+
+def other_rows(source: Path, target: Path) -> Path:
+    """The demo train file with every prompt and id changed: rows a fine-tune on the demo file never scores."""
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    frame["prompt"] = [json.dumps(["(other) " + turns[0], *turns[1:]]) for turns in map(json.loads, frame["prompt"])]
+    frame["id"] = "fit-" + frame["id"]
+    frame.to_csv(target, index=False)
+    return target
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, model_cache):
-    """A full-data fit of the tiny model (a few steps, a learning rate large enough to move every weight)."""
+    """A full-data fit of the tiny model (a few steps, a learning rate large enough to move every weight) on rows
+    the demo experiments never score."""
     out = tmp_path_factory.mktemp("fit")
+    demo = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={model_cache}"])
+    train = other_rows(inputs.data_paths(demo).train, out / "fit_rows.csv")
     cfg = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={model_cache}",
                        "stage=fit", "exp_name=pretrain", "finetune.max_steps=3", "finetune.learning_rate=1e-2",
-                       "model.precision=fp32"])
+                       "model.precision=fp32", f"data.train={train}"])
     stats = fit.run(cfg)
     return cfg, out / "pretrain" / "fit" / "adapter", stats
 
@@ -104,3 +121,87 @@ def test_frozen_feature_path_runs_end_to_end_without_a_training_step(tiny_cfg):
     for k in range(cfg.cv.n_folds):
         weights = load_file(str(lay.adapter(k) / "adapter_model.safetensors"))
         assert all(v.abs().sum() == 0 for n, v in weights.items() if "lora_B" in n)
+
+
+def test_a_start_that_saw_scored_rows_is_refused_by_content(tiny_cfg, model_cache, tmp_path):
+    """stage=fit on the demo file, then a fine-tune of the same rows warm-started from it: refused (every fold would
+    start from a model that saw its held-out rows), also when the fit's rows come back under other ids, A/B-swapped,
+    or (folds grouped by prompt) only their prompts do; with cv.group_by=id only whole pairs count."""
+    fit_cfg = tiny_cfg("stage=fit", "exp_name=leaky", "finetune.max_steps=1")
+    fit.run(fit_cfg)
+    start = Path(fit_cfg.paths.exp_dir) / "fit" / "adapter"
+    train = pd.read_csv(inputs.data_paths(fit_cfg).train, dtype=str, keep_default_na=False)
+    with pytest.raises(UserError, match=r"was trained on 90 pairs or prompts of data\.train \(first ids 0, 1, 2\)"):
+        finetune.run(tiny_cfg("exp_name=warm_leak", f"finetune.init_adapter={start}"))
+    disguised = train.copy()
+    disguised["id"] = "x" + disguised["id"]
+    disguised[["response_a", "response_b"]] = disguised[["response_b", "response_a"]].to_numpy()
+    disguised[["winner_model_a", "winner_model_b"]] = disguised[["winner_model_b", "winner_model_a"]].to_numpy()
+    disguised.to_csv(tmp_path / "disguised.csv", index=False)
+    with pytest.raises(UserError, match="was trained on 90 pairs"):
+        check.run(tiny_cfg("exp_name=warm_leak2", f"data.train={tmp_path / 'disguised.csv'}",
+                           f"finetune.init_adapter={start}"))
+    same_prompts = train.copy()
+    same_prompts["response_a"] = [json.dumps([f"new answer {i}"]) for i in range(len(train))]
+    same_prompts.to_csv(tmp_path / "prompts.csv", index=False)
+    with pytest.raises(UserError, match="pairs or prompts"):
+        check.run(tiny_cfg("exp_name=warm_leak3", f"data.train={tmp_path / 'prompts.csv'}",
+                           f"finetune.init_adapter={start}"))
+    check.run(tiny_cfg("exp_name=warm_leak4", f"data.train={tmp_path / 'prompts.csv'}", "cv.group_by=id",
+                       f"finetune.init_adapter={start}"))  # other pairs, folds not grouped by prompt: fine
+
+
+def test_a_finished_experiment_needs_no_warm_start_folder(fitted, tiny_cfg, tmp_path):
+    """The fold adapters carry the start: once finished, an experiment is read (stack, predict, Predictor, export)
+    with its warm-start folder moved away, with or without the init_adapter override."""
+    _, start, _ = fitted
+    moved = tmp_path / "start" / "adapter"
+    shutil.copytree(start.parent, moved.parent)
+    cfg = tiny_cfg("exp_name=warm_moved", f"finetune.init_adapter={moved}", "finetune.max_steps=1")
+    all_stage.run(cfg)
+    shutil.rmtree(moved.parent)
+    from pipeline import Predictor
+    from pipeline.stages import predict, stack
+
+    same = ("exp_name=warm_moved", "finetune.max_steps=1")
+    stack.run(tiny_cfg(*same))
+    stack.run(tiny_cfg(*same, f"finetune.init_adapter={moved}"))
+    predictor = Predictor.load(Path(cfg.paths.exp_dir))
+    test = pd.read_csv(inputs.data_paths(cfg).test)
+    assert predictor.predict_proba(test).shape == (len(test), 3)
+    predict.run(tiny_cfg(*same, "stage=predict"))
+    validation.validate(tiny_cfg(*same, "stage=export", f"finetune.init_adapter={moved}"))
+
+
+def test_a_start_of_another_model_is_one_error(fitted, tiny_cfg):
+    """A warm start made on another base model (another family, or another width) is refused before training."""
+    _, start, _ = fitted
+    with pytest.raises(UserError, match="another base model"):
+        check.run(tiny_cfg("exp_name=other_family", "model.tiny.family=qwen2", f"finetune.init_adapter={start}"))
+    with pytest.raises(UserError, match="another base model"):
+        check.run(tiny_cfg("exp_name=wider", "model.tiny.hidden_size=96", f"finetune.init_adapter={start}"))
+    state = artifacts.read_state(start.parent)
+    (start.parent / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "base_model"}))
+    try:  # no record of the base model: the adapter's own shapes tell the width
+        with pytest.raises(UserError, match="hidden size is 96"):
+            check.run(tiny_cfg("exp_name=wider2", "model.tiny.hidden_size=96", f"finetune.init_adapter={start}"))
+    finally:
+        (start.parent / "state.json").write_text(json.dumps(state))
+
+
+def test_an_all_linear_fit_starts_an_all_linear_fine_tune(tiny_cfg, tmp_path):
+    """A fit with target_modules=all-linear saves the modules it found; a fine-tune naming the same short names
+    (or all-linear again) accepts it."""
+    fit_cfg = tiny_cfg("stage=fit", "exp_name=all_linear", "finetune.max_steps=1",
+                       "finetune.lora.target_modules=all-linear")
+    fit.run(fit_cfg)
+    start = Path(fit_cfg.paths.exp_dir) / "fit" / "adapter"
+    saved = json.loads((start / "adapter_config.json").read_text())["target_modules"]
+    short = sorted({m.split(".")[-1] for m in saved})
+    validation.validate(tiny_cfg(f"finetune.init_adapter={start}", f"finetune.lora.target_modules=[{','.join(short)}]"))
+    validation.validate(tiny_cfg(f"finetune.init_adapter={start}", "finetune.lora.target_modules=all-linear"))
+
+
+def test_fit_without_training_is_refused(tiny_cfg):
+    with pytest.raises(UserError, match="stage=fit with finetune.train=false"):
+        validation.validate(tiny_cfg("stage=fit", "finetune.train=false"))

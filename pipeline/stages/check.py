@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, context, inputs, memory, modeling, stacking, validation
+from pipeline import artifacts, context, inputs, memory, modeling, stacking, validation, warm_start
 from pipeline.data import PairData
-from pipeline.formatting import MARKERS, leading_special_ids, segment_text, tokenizer_fn
+from pipeline.errors import UserError
+from pipeline.formatting import MARKERS, leading_special_ids, segment_text, template_tokens, tokenizer_fn
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,15 @@ def memory_plan(cfg: DictConfig) -> memory.MemoryPlan | None:
                        scoring_length=cfg.embed.max_length, lm_features=bool(cfg.embed.lm_features))
 
 
+def check_lengths(cfg: DictConfig, tokenizer) -> None:
+    """model.max_length (training) and embed.max_length (scoring) must leave room for text after the template."""
+    fixed = template_tokens(tokenizer)
+    for key, value in (("model.max_length", cfg.model.max_length), ("embed.max_length", cfg.embed.max_length)):
+        if value is not None and int(value) < fixed + 3:
+            raise UserError(f"{key}={value} leaves no room for text after the {fixed} template tokens of this "
+                            f"tokenizer; raise it to at least {fixed + 3}")
+
+
 def summarise(data: PairData, tokenizer, max_length: int) -> dict:
     summary: dict = {"file": data.source, "n_rows": len(data.frame), "n_repaired": data.n_repaired,
                      "repairs": data.repairs}
@@ -94,7 +104,11 @@ def run(cfg: DictConfig) -> dict:
     # training set, and extra rows that copy train rows.
     stacking.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
     extra = inputs.load_extra(cfg, train)
+    if cfg.finetune.init_adapter:
+        warm_start.check_start(cfg, train.frame, ctx.train_path, local_base_model(cfg), scored=True)
     tokenizer = cheap_tokenizer(cfg)
+    if tokenizer is not None:
+        check_lengths(cfg, tokenizer)
     metrics = {"train": summarise(train, tokenizer, cfg.model.max_length)}
     metrics["train"]["fold_sizes"] = np.bincount(ctx.fold_of, minlength=ctx.n_folds).astype(int).tolist()
     if extra is not None:
@@ -108,6 +122,9 @@ def run(cfg: DictConfig) -> dict:
         metrics["test"] = summarise(test, tokenizer, cfg.model.max_length)
         overlap = set(train.frame["id"]) & set(test.frame["id"])
         metrics["test"]["ids_also_in_train"] = len(overlap)
+    shape = model_shape(cfg)
+    if shape is not None:
+        validation.validate_lora_layers(cfg.finetune, int(shape["num_hidden_layers"]))
     plan = memory_plan(cfg)
     if plan is not None:
         metrics["gpu_memory"] = plan.as_dict()

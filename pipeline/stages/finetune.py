@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, extraction, inputs, layout, locks, modeling, setups, stacking, training
+from pipeline import (artifacts, context, extraction, inputs, layout, locks, modeling, setups, stacking, training,
+                      validation, warm_start)
 from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS
 from pipeline.errors import UserError
@@ -78,6 +79,11 @@ class FinetuneRun:
 def setup(cfg: DictConfig) -> FinetuneRun:
     ctx = context.open_run(cfg, "finetune")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    config = warm_start.base_model_config(source)
+    if config is not None:
+        validation.validate_lora_layers(cfg.finetune, int(config["num_hidden_layers"]))
+    if cfg.finetune.init_adapter:
+        warm_start.check_start(cfg, ctx.train.frame, ctx.train_path, source, scored=True)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     setup_ = setups.finetune_setup(cfg)
     settings = setups.finetune_settings(cfg)

@@ -13,7 +13,7 @@ import shutil
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, inputs, modeling, setups, training
+from pipeline import artifacts, context, inputs, modeling, setups, training, warm_start
 
 log = logging.getLogger(__name__)
 HOW_TO_FIX = "use a new exp_name, or delete that folder to fit again"
@@ -29,10 +29,12 @@ def run(cfg: DictConfig) -> dict:
         log.info("fit: done, skipped (%s)", lay.fit_adapter)
         return artifacts.read_state(lay.fit)["stats"]
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    if cfg.finetune.init_adapter:
+        warm_start.check_start(cfg, ctx.train.frame, ctx.train_path, source, scored=False)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    rows = [row for data in (ctx.train, inputs.load_extra(cfg, ctx.train)) if data is not None
-            for row in training.all_training_rows(tokenizer, data.frame, cfg.model,
-                                                  bool(cfg.finetune.swap_augmentation))]
+    trained_on = [data.frame for data in (ctx.train, inputs.load_extra(cfg, ctx.train)) if data is not None]
+    rows = [row for frame in trained_on
+            for row in training.all_training_rows(tokenizer, frame, cfg.model, bool(cfg.finetune.swap_augmentation))]
     started = artifacts.read_state(lay.fit)
     if ctx.is_main and started and artifacts.changed_setup(started, setup):
         shutil.rmtree(lay.fit / "checkpoints", ignore_errors=True)  # another setup's steps are not this run's
@@ -49,6 +51,8 @@ def run(cfg: DictConfig) -> dict:
         model.save_pretrained(staging)
         artifacts.apply_user_mode(staging)
         artifacts.replace_dir(staging, lay.fit_adapter)
+        # What the fit saw, by content: a fine-tune warm-started from it refuses to score those rows (warm_start.py).
+        warm_start.record_seen(lay.fit, trained_on)
         artifacts.mark_done(lay.fit, {**setup, "settings": settings, "stats": stats})
         shutil.rmtree(lay.fit / "checkpoints", ignore_errors=True)
         artifacts.update_metrics(lay.root, "fit", stats)

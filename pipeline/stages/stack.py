@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
     out = results_dir(lay)
     single_run = out == lay.stack
     spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
-    ctx = context.open_run(cfg, "stack", out_root=out.parent)
+    ctx = context.open_run(cfg, "stack", out_root=out.parent, record=False)
     result = stacking.score(ctx, spec, with_test=ctx.test is not None)
     metrics = result.metrics()
     metrics["results_dir"] = str(out)
@@ -42,6 +42,7 @@ def run(cfg: DictConfig) -> dict:
     save(staging, ctx, result)
     report.write(staging, metrics, ctx.labels, result.plots(), ctx.fold_of)
     artifacts.replace_dir(staging, out)
+    artifacts.write_manifest(out.parent, cfg, "stack")
     submission = lay.submission if single_run else out / layout.SUBMISSION
     if result.test is not None:
         stacking.write_submission(submission, ctx.test.frame["id"].to_numpy(), result.test)
@@ -51,7 +52,8 @@ def run(cfg: DictConfig) -> dict:
     print(report.table(metrics))
     if single_run:
         artifacts.update_metrics(lay.root, "stack", metrics)
-        artifacts.drop_metrics(lay.root, "predict")
+        for made_by_old_stacker in ("predict", "export"):
+            artifacts.drop_metrics(lay.root, made_by_old_stacker)
     else:
         artifacts.write_json(out / layout.METRICS_FILE, {"stack": metrics})
     return metrics
@@ -68,5 +70,6 @@ def save(out: Path, ctx: context.RunContext, result: stacking.StackResult) -> No
                 for k, fold in enumerate(result.folds)]
     artifacts.write_json(out / layout.MODEL_FILE, {
         "stack": OmegaConf.to_container(ctx.cfg.stack, resolve=True), "n_folds": ctx.n_folds,
-        "setup": setups.stack_setup(ctx.cfg), "folds": exported})
+        "setup": setups.stack_setup(ctx.cfg), "folds": exported,
+        "config": OmegaConf.to_container(ctx.cfg, resolve=True)})  # what Predictor.load(experiment) scores with
     artifacts.mark_done(out, {"oof_logloss": logloss(ctx.labels, result.oof)})
