@@ -168,14 +168,28 @@ def _fingerprint(folder: str, stats: tuple) -> str:
     digest = hashlib.sha256()
     for name, size, _ in stats:
         digest.update(f"{name}\0{size}\0".encode())
-        with open(Path(folder) / name, "rb") as handle:
-            if size <= WHOLE_FILE_BYTES:
-                digest.update(handle.read())
-                continue
-            digest.update(handle.read(HEAD_BYTES))
-            for i in range(SAMPLES + 1):
-                handle.seek(HEAD_BYTES + (size - HEAD_BYTES - SAMPLE_BYTES) * i // SAMPLES)
-                digest.update(handle.read(SAMPLE_BYTES))
+        _sample_into(digest, Path(folder) / name, size)
+    return digest.hexdigest()[:16]
+
+
+def _sample_into(digest, path: Path, size: int) -> None:
+    """Feed a file to `digest`: whole up to WHOLE_FILE_BYTES, else its header and SAMPLES evenly spaced pieces."""
+    with open(path, "rb") as handle:
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(handle.read())
+            return
+        digest.update(handle.read(HEAD_BYTES))
+        for i in range(SAMPLES + 1):
+            handle.seek(HEAD_BYTES + (size - HEAD_BYTES - SAMPLE_BYTES) * i // SAMPLES)
+            digest.update(handle.read(SAMPLE_BYTES))
+
+
+def file_sample_fingerprint(path: Path) -> str:
+    """One file's fingerprint as base_model_fingerprint takes it (size, and content whole or sampled): what an
+    export records of each file it writes, so a truncated, missing or swapped file is named at load."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}\0".encode())
+    _sample_into(digest, path, size)
     return digest.hexdigest()[:16]
 
 

@@ -76,7 +76,12 @@ class Predictor:
         self.vectors = vectors
         self.fold_models = fold_models
         self.info = info
-        self.device = torch.device(device) if device else modeling.device()
+        try:
+            self.device = torch.device(device) if device else modeling.device()
+        except RuntimeError:
+            raise UserError(f"device={device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device={device!r}: this machine has no CUDA GPU; use device='cpu' (or leave it unset)")
         self.dtype = modeling.compute_dtype(cfg.model.precision, self.device)
         self._tokenizer = None
 
@@ -133,17 +138,35 @@ class Predictor:
                                                                for key in ("model", "embed", "stack", "seed")}))
             adapters = [folder / a for a in record["adapters"]]
             folds, vectors, info = record["folds"], record["vectors"], record["info"]
+            mode, files = info["mode"], record.get("files")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{folder / EXPORT_FILE} is missing or damaged ({exc}); run stage=export again") from None
+        if (mode == "adapters") != bool(adapters) or mode not in EXPORT_MODES:
+            raise UserError(f"{folder / EXPORT_FILE} is damaged: a {mode!r} export with adapters {record['adapters']} "
+                            "(an adapters export lists its fold adapters, a merged one none); run stage=export again")
         stacking.check_recorded_targets(record["stack"], OmegaConf.create({}), folder / EXPORT_FILE)
         spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
         for path in [folder / "model", *adapters]:
             if not path.is_dir():
                 raise UserError(f"{path} not found; the export is incomplete: run stage=export again")
-        fold_models = [stacking.load_fold_model(fold, folder / "stack" / f"fold_{k}", spec.members)
-                       for k, fold in enumerate(folds)]
-        return cls(cfg, folder / "model", adapters, spec, vectors, fold_models, {**info, "path": str(folder)},
-                   device)
+        if files is not None:  # exports made before fingerprints were recorded are read as they are
+            check_export_files(folder, files)
+        try:
+            fold_models = [stacking.load_fold_model(fold, folder / "stack" / f"fold_{k}", spec.members)
+                           for k, fold in enumerate(folds)]
+        except UserError:
+            raise
+        except Exception as exc:  # numpy, zipfile and LightGBM each raise their own types for a damaged file
+            raise UserError(f"{folder / 'stack'} is damaged ({type(exc).__name__}: {exc}); the export is incomplete: "
+                            "run stage=export again") from None
+        predictor = cls(cfg, folder / "model", adapters, spec, vectors, fold_models, {**info, "path": str(folder)},
+                        device)
+        try:
+            predictor.tokenizer  # loaded now: a damaged tokenizer is named at load, not at the first call
+        except Exception as exc:  # transformers raises ValueError, OSError or its own types
+            raise UserError(f"{folder / 'model'}: its tokenizer cannot be loaded ({type(exc).__name__}); the export "
+                            "is incomplete: run stage=export again") from None
+        return predictor
 
     # ------------------------------------------------------------------------------------------------ scoring
     @property
@@ -249,8 +272,12 @@ class Predictor:
                   "embed": embed, "stack": OmegaConf.to_container(self.cfg.stack, resolve=True),
                   "seed": int(self.cfg.seed), "vectors": self.vectors, "adapters": names, "folds": records,
                   "info": info, "versions": artifacts.package_versions()}
-        artifacts.write_json(staging / EXPORT_FILE, record)
         artifacts.write_text(staging / "README.md", model_card(record))
+        # Every file by content, so a truncated upload, a missing tokenizer file or a swapped fold adapter is named
+        # at load instead of scoring silently (README and export.json themselves excepted).
+        record["files"] = {str(path.relative_to(staging)): modeling.file_sample_fingerprint(path)
+                           for path in sorted(staging.rglob("*")) if path.is_file() and path.name != "README.md"}
+        artifacts.write_json(staging / EXPORT_FILE, record)
         artifacts.apply_user_mode(staging)
         return record
 
@@ -294,6 +321,18 @@ def recorded_experiment_config(exp: Path) -> DictConfig:
         raise UserError(f"{train} (the experiment's train file) not found: the stacker is refitted from it; copy it "
                         "back, or score with an export (stage=export), which needs no training data")
     return stacking.with_recorded_stack(cfg, lay, trusted=OmegaConf.create({}))
+
+
+def check_export_files(folder: Path, files: dict[str, str]) -> None:
+    """Every file the export wrote is there with the content it had (sampled for large weights)."""
+    for name, fingerprint in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{path} not found; the export is incomplete (an interrupted copy or upload?): run "
+                            "stage=export again")
+        if modeling.file_sample_fingerprint(path) != fingerprint:
+            raise UserError(f"{path} differs from the file stage=export wrote (truncated, or replaced by another "
+                            "experiment's?); run stage=export again")
 
 
 def check_export_target(target: Path, source: Path, experiment: bool) -> None:

@@ -11,13 +11,15 @@ model card are written into a fresh folder; save: it is swapped in whole, and `m
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import artifacts, layout, stacking
-from pipeline.predictor import Predictor
+from pipeline.errors import UserError
+from pipeline.predictor import Predictor, check_export_target
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     lay = layout.Layout.of(cfg)
     target = Path(cfg.export.dir) if cfg.export.dir else lay.root / "export"
+    # Refused before anything is written: the export's record goes into the experiment's metrics.json.
+    if lay.root.is_dir() and not os.access(lay.root, os.W_OK):
+        raise UserError(f"{lay.root} is read-only: stage=export records the export in its metrics.json; copy the "
+                        "experiment somewhere writable, or export from Python: Predictor.load(experiment)"
+                        ".export(folder)")
+    check_export_target(target, lay.root, experiment=True)
     recorded = stacking.with_recorded_stack(cfg, lay, trusted=cfg.stack)
     predictor = Predictor.from_experiment(lay.root, OmegaConf.merge(recorded, {"data": {"test": None}}))
     metrics = predictor.export(target, cfg.export.model, made_by=["python", "-m", "pipeline", *sys.argv[1:]])
