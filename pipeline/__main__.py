@@ -8,12 +8,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, locks, tracking, validation
+from pipeline import artifacts, configs, context, locks, tracking, validation
 from pipeline.errors import UserError
 
 STAGES = ("check", "finetune", "embed", "stack", "predict", "all", "export", "fit")
@@ -69,7 +70,7 @@ def os_error_message(exc: OSError) -> str | None:
     return f"cannot write {where}: {exc.strerror}; {hint}"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=configs.config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_stage(cfg)
@@ -114,14 +115,39 @@ def check_overrides(argv: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
     try:
-        with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
-            compose(config_name="config", overrides=argv)
+        with initialize_config_dir(config_dir=configs.config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=argv)
     except (HydraException, OmegaConfBaseException) as exc:
         message = " ".join(str(exc).split()).split(" Config search path:")[0]
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    try:
+        logs = Path(cfg.paths.exp_dir) / "logs"
+    except OmegaConfBaseException:
+        return  # an interpolation only the run itself can resolve: left to the stage's own checks
+    if not writable(logs):
+        # Hydra writes its job logs into the experiment before the pipeline runs: a read-only place must be one
+        # line here, not Hydra's traceback. stage=predict with paths.predict_dir logs there instead.
+        if cfg.stage == "predict" and cfg.paths.predict_dir:
+            run_dir = Path(cfg.paths.predict_dir) / "logs" / "predict" / time.strftime("%Y-%m-%d_%H-%M-%S")
+            sys.argv.append(f"hydra.run.dir='{run_dir}'")
+            return
+        print(f"error: cannot write {logs}: {nearest_existing(logs)} is read-only; write somewhere writable: "
+              "paths.output_dir=... (stage=predict on a read-only experiment: paths.predict_dir=...)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable(path: Path) -> bool:
+    """Whether `path` can be made and written: its nearest existing folder is writable."""
+    return os.access(nearest_existing(path), os.W_OK)
 
 
 if __name__ == "__main__":

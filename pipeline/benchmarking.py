@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline import modeling
+from pipeline import configs, modeling
 from pipeline.data import PairData, load_pairs
 
 SHARED_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "preference" / "autoj_pairwise_test.csv"
@@ -34,7 +34,7 @@ def compose(args: argparse.Namespace, *extra: str) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    conf = configs.config_dir()
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         return hydra_compose(config_name="config", overrides=[f"model={args.model}",
                                                                f"model.max_length={args.max_length}",
@@ -57,7 +57,7 @@ def model_source_and_tokenizer(cfg: DictConfig, preset_random: bool):
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
 
-        conf = str(Path(__file__).resolve().parents[1] / "conf")
+        conf = configs.config_dir()
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
             smol = hydra_compose(config_name="config", overrides=["model=smollm2"])
         source = modeling.base_model_dir(smol.model, cfg.paths.model_cache_dir)
