@@ -168,3 +168,32 @@ def test_exporting_from_a_read_only_experiment_is_refused_before_writing_as_root
     with pytest.raises(UserError, match="read-only"):
         export.run(_with_export_dir(cfg, target))
     assert not target.exists()
+
+
+def test_metrics_say_what_is_true_after_embed_and_a_re_stack(exported):
+    """metrics.json has the embed entry README lists (world_size) even when the fold passes made every feature, and
+    a re-stack drops the export entry that described the old stacker."""
+    from pipeline.stages import embed, stack
+
+    cfg, exp, _, _, folder = exported
+    embed.run(cfg)
+    metrics = json.loads((exp / "metrics.json").read_text())
+    assert metrics["embed"]["world_size"] == 1 and metrics["embed"]["refreshed_folds"] == []
+    artifacts.update_metrics(exp, "export", {"dir": str(folder)})
+    stack.run(cfg)
+    assert "export" not in json.loads((exp / "metrics.json").read_text())
+
+
+def test_a_refused_stack_leaves_every_record_as_it_was(tiny_experiment, tmp_path):
+    """stage=stack refused (features made with other settings) changes no file of the experiment, and
+    Predictor.load(experiment) still scores exactly as before."""
+    from omegaconf import OmegaConf
+
+    from pipeline.stages import stack
+
+    cfg, exp, test, submission = experiment_copy(tiny_experiment, tmp_path)
+    before = snapshot(exp)
+    with pytest.raises(UserError, match="other settings"):
+        stack.run(OmegaConf.merge(cfg, {"model": {"max_length": 64}}))
+    assert snapshot(exp) == before
+    np.testing.assert_array_equal(Predictor.load(exp).predict_proba(test), submission)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from conftest import TINY_OVERRIDES
 from pipeline import artifacts, data, inputs, locks, modeling, stacking, validation
 from pipeline.errors import UserError
+from pipeline.layout import Layout
 from pipeline.stages import check, embed, finetune, predict, stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,19 +405,40 @@ def test_damaged_base_model_on_the_command_line(tiny_cfg, tmp_path, model_cache)
 
 
 # ------------------------------------------------------------------------------------------------ 9. Ctrl-C
+# Runs the command line with fold 1's training interrupted by a SIGINT the process sends itself as that fold starts:
+# a known point after fold 0 finished, whatever the machine's speed (a timed signal raced the tiny fine-tune).
+INTERRUPT_AT_FOLD_1 = """
+import os, runpy, signal, sys
+from pipeline import training
+real, calls = training.train_adapter, []
+def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+training.train_adapter = interrupted
+sys.argv = ["pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__")
+"""
+
+
 def test_ctrl_c_is_one_line_and_a_rerun_resumes(tiny_cfg):
+    """Ctrl-C during fold 1: one `error:` line and exit 130, fold 0 kept as finished; re-running the same command
+    skips fold 0 and ends with the OOF an uninterrupted run gives, bit for bit."""
     cfg = tiny_cfg("exp_name=interrupted")
-    job = subprocess.Popen(cli_args(cfg, "stage=finetune"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    state = Path(cfg.paths.exp_dir) / "finetune" / "fold_0" / "state.json"
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.2)
-    job.send_signal(signal.SIGINT)
-    _, stderr = job.communicate(timeout=300)
-    result = subprocess.CompletedProcess(job.args, job.returncode, "", stderr)
+    args = cli_args(cfg, "stage=finetune")
+    result = subprocess.run([sys.executable, "-c", INTERRUPT_AT_FOLD_1, *args[3:]], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
     line = one_error_line(result, code=130)
     assert "interrupted: stage=finetune" in line and "resumes" in line
+    lay = Layout.of(cfg)
+    assert artifacts.read_state(lay.finetune_fold(0))["done"] and not lay.finetune_oof.exists()
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "fold 0: done, skipped" in resumed.stderr + resumed.stdout
+    reference = tiny_cfg("exp_name=uninterrupted")
+    assert run_cli(cli_args(reference, "stage=finetune")).returncode == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(lay.finetune_oof), pd.read_parquet(Layout.of(reference).finetune_oof))
 
 
 # --------------------------------------------------------------------------- 10. stage two checked early

@@ -42,6 +42,7 @@ def gather(ctx: context.RunContext) -> dict:
                "test_adapters": cfg.embed.test_adapters, "world_size": ctx.world_size,
                "seconds": round(sum(artifacts.read_state(lay.embed_fold(k)).get("seconds", 0.0)
                                     for k in range(ctx.n_folds)), 2)}
+    artifacts.update_metrics(lay.root, "embed", metrics)
     log.info("embed: %d OOF rows, %d test rows, vectors of width %s at layers %s (passes run for folds: %s)",
              metrics["n_train_rows"], metrics["n_test_rows"], width, metrics["layers"], missing or "none needed")
     return metrics
