@@ -520,3 +520,25 @@ def test_a_file_with_a_single_label_is_warned_about(tiny_cfg, tmp_path, caplog):
     metrics = check.run(tiny_cfg(f"data.train={path}", "exp_name=single"))
     assert metrics["train"]["warnings"] == ["every row is labelled 'a'"]
     assert "every one of the" in caplog.text
+
+
+# ------------------------------------------------------------------- late errors that stage=check catches first
+@pytest.mark.parametrize("overrides, fragment", [
+    (["stack.blend_members=[head,text,likelihood]"], "embed.lm_features=true"),
+    (["embed.max_length=20"], "embed.max_length=20 leaves no room"),
+    (["model.max_length=20"], "model.max_length=20 leaves no room"),
+    (["finetune.cache_prefix=true", "+finetune.lora.layers_to_transform=[1,7]",
+      "finetune.lora.target_modules=[q_proj,v_proj]"], "[7] are not layers of this model"),
+    (["+finetune.lora.layers_to_transform=[9]"], "[9] are not layers of this model"),
+    (["finetune.cache_prefix=true", "+finetune.lora.layers_to_transform=[1]",
+      "finetune.lora.target_modules=all-linear"], "needs a list of modules"),
+    (["check.gpu_memory_gb=abc"], "check.gpu_memory_gb=abc"),
+    (["check.gpu_memory_gb=null"], "check.gpu_memory_gb=None"),
+    (["check.gpu_memory_gb=0"], "check.gpu_memory_gb=0"),
+    (["check.gpu_memory_gb=-5"], "check.gpu_memory_gb=-5"),
+])
+def test_settings_that_would_fail_late_fail_at_check(tiny_cfg, overrides, fragment):
+    """Each of these used to pass stage=check and fail after the fine-tune (or in a PEFT / Hydra traceback)."""
+    with pytest.raises(UserError) as caught:
+        check.run(tiny_cfg(*overrides))
+    assert fragment in str(caught.value)
