@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -132,18 +132,33 @@ class HeadMember(Member):
         return head
 
 
+class RangeClipper(BaseEstimator, TransformerMixin):
+    """Each column clipped to the range the training rows spanned: a linear model scoring rows unlike its training
+    rows (a new source, a shifted prompt group) cannot extrapolate beyond what it saw."""
+
+    def fit(self, x: np.ndarray, y=None) -> "RangeClipper":
+        self.low_, self.high_ = np.min(x, axis=0), np.max(x, axis=0)
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x, self.low_, self.high_)
+
+
 class EstimatorMember(Member):
     """Any scikit-learn-compatible classifier (built once from its `_target_`), a grid searched on the inner split,
-    optionally standardised first."""
+    optionally clipped to the training range (`clip`) and standardised (`standardize`) first."""
 
     artifact_prefix = "linear"
 
-    def __init__(self, name: str, groups: list[str], estimator, target: str, search: dict, standardize: bool):
+    def __init__(self, name: str, groups: list[str], estimator, target: str, search: dict, standardize: bool,
+                 clip: bool = False):
         super().__init__(name, groups)
         self.prototype = estimator
         self.target = target
         self.search = search
         self.standardize = standardize
+        self.clip = clip
 
     @classmethod
     def accepts(cls, estimator, search: dict) -> bool:
@@ -161,7 +176,8 @@ class EstimatorMember(Member):
         if "random_state" in estimator.get_params():
             estimator.set_params(random_state=seed)
         estimator.set_params(**params)
-        return make_pipeline(StandardScaler(), estimator) if self.standardize else estimator
+        steps = [RangeClipper()] * self.clip + [StandardScaler()] * self.standardize
+        return make_pipeline(*steps, estimator) if steps else estimator
 
     def inner_predictions(self, x: Design, y: np.ndarray, inner: InnerSplits, symmetric: bool,
                           seed: int) -> Iterator[tuple[dict, np.ndarray]]:
@@ -196,6 +212,9 @@ class EstimatorMember(Member):
         scaler = next((s for s in steps if isinstance(s, StandardScaler)), None)
         if scaler is not None:
             arrays.update(scaler_mean=scaler.mean_, scaler_scale=scaler.scale_, scaler_var=scaler.var_)
+        clipper = next((s for s in steps if isinstance(s, RangeClipper)), None)
+        if clipper is not None:
+            arrays.update(clip_low=clipper.low_, clip_high=clipper.high_)
         name = f"{stem}.npz"
         save_npz(folder / name, arrays)
         return [name]
@@ -205,13 +224,20 @@ class EstimatorMember(Member):
         model = clone(self.prototype)
         model.coef_, model.intercept_, model.classes_ = arrays["coef"], arrays["intercept"], arrays["classes"]
         model.n_features_in_ = arrays["coef"].shape[1]
-        if not self.standardize:
-            return model
-        scaler = StandardScaler()
-        scaler.mean_, scaler.scale_, scaler.var_ = arrays["scaler_mean"], arrays["scaler_scale"], arrays["scaler_var"]
-        scaler.n_features_in_ = len(scaler.mean_)
-        scaler.n_samples_seen_ = 0
-        return make_pipeline(scaler, model)
+        steps = []
+        if self.clip:
+            clipper = RangeClipper()
+            clipper.low_, clipper.high_ = arrays["clip_low"], arrays["clip_high"]
+            clipper.n_features_in_ = len(clipper.low_)
+            steps.append(clipper)
+        if self.standardize:
+            scaler = StandardScaler()
+            scaler.mean_, scaler.scale_, scaler.var_ = (arrays["scaler_mean"], arrays["scaler_scale"],
+                                                        arrays["scaler_var"])
+            scaler.n_features_in_ = len(scaler.mean_)
+            scaler.n_samples_seen_ = 0
+            steps.append(scaler)
+        return make_pipeline(*steps, model) if steps else model
 
 
 class StagedBoostingMember(EstimatorMember):
@@ -319,4 +345,5 @@ def member_from_config(name: str, node: DictConfig) -> Member:
     kind = next(k for k in MEMBER_KINDS if k.accepts(estimator, search))
     if kind is HeadMember:
         return HeadMember(name, groups)
-    return kind(name, groups, estimator, str(target), search, bool(node.get("standardize", False)))
+    return kind(name, groups, estimator, str(target), search, bool(node.get("standardize", False)),
+                bool(node.get("clip", False)))

@@ -22,14 +22,23 @@ def table(metrics: dict) -> str:
 
 def fold_table(metrics: dict) -> str:
     n_folds = len(metrics["per_fold"])
-    lines = ["| fold | stacker | " + " | ".join(metrics["baseline_per_fold"]) + " | chosen | blend weights |",
-             "|---" * (4 + len(metrics["baseline_per_fold"])) + "|"]
+    lines = ["| fold | stacker | " + " | ".join(metrics["baseline_per_fold"]) + " | chosen | why | blend weights |",
+             "|---" * (5 + len(metrics["baseline_per_fold"])) + "|"]
     for k in range(n_folds):
-        weights = ", ".join(f"{n} {w:.2f}" for n, w in metrics["blend"][k]["weights"].items())
         lines.append(f"| {k} | {metrics['per_fold'][k]:.4f} | " +
                      " | ".join(f"{v[k]:.4f}" for v in metrics["baseline_per_fold"].values()) +
-                     f" | {metrics['chosen'][k]} | {weights}; tie bias {metrics['blend'][k]['tie_bias']:.2f} |")
+                     f" | {metrics['chosen'][k]} | {metrics['chosen_reason'][k]} | {blend_summary(metrics['blend'][k])} |")
     return "\n".join(lines)
+
+
+def blend_summary(blend: dict) -> str:
+    """A fold's pool in words: its kind, each member's weight (and temperature), the prior's share or the tie bias."""
+    temperatures = blend.get("temperatures", {})
+    weights = ", ".join(f"{n} {w:.2f}" + (f" (T {temperatures[n]:.2f})" if temperatures.get(n, 1.0) != 1.0 else "")
+                        for n, w in blend["weights"].items())
+    if blend.get("kind") == "linear":
+        return f"linear: {weights}, prior {blend['prior_weight']:.2f}"
+    return f"log-linear: {weights}; tie bias {blend['tie_bias']:.2f}"
 
 
 def inner_table(metrics: dict) -> str:

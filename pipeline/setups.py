@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import artifacts, inputs
 
@@ -18,7 +18,10 @@ EMBED_TEST_ONLY = ("test_adapters",)
 # Settings added after experiments were made, with the value that computes what those experiments computed: at that
 # value a setting is left out of the hashes, so finished work stays valid; any other value is hashed as usual.
 ADDED_LATER = {"finetune": {"train": True, "init_adapter": None},
-               "embed": {"max_length": None, "lm_features": False}}
+               "embed": {"max_length": None, "lm_features": False},
+               "stack": {"pooling": "log_linear", "blend_robust": 0.0, "calibrate": False, "fallback_margin": None}}
+# The same for each stack member's settings (stack.members.<name>.<key>).
+MEMBER_ADDED_LATER = {"clip": False}
 
 
 def with_added_settings(cfg: DictConfig) -> DictConfig:
@@ -29,6 +32,11 @@ def with_added_settings(cfg: DictConfig) -> DictConfig:
             for key, value in neutral.items():
                 if key not in cfg[group]:
                     cfg[group][key] = value
+    for member in (cfg.stack.get("members") or {}).values() if "stack" in cfg else ():
+        with open_dict(member):
+            for key, value in MEMBER_ADDED_LATER.items():
+                if key not in member:
+                    member[key] = value
     return cfg
 
 

@@ -5,10 +5,12 @@ For each outer fold k (the experiment's folds), on the rows of the other folds o
 2. each member model (a feature group + any scikit-learn-compatible classifier named by `_target_`) picks its
    hyper-parameters (e.g. LightGBM's number of rounds, the logistic regression's C) on a prompt-grouped inner
    split of those rows, then is refitted on all of them;
-3. a log-linear pool of the members' probabilities (one non-negative weight per member and a tie bias) is fitted
-   on the members' inner out-of-fold predictions;
-4. with `select`, a member alone (the head included) replaces the blend for fold k only when it beats the blend
-   on the inner split by more than `select_z` standard errors of the paired per-row log-loss difference.
+3. each member is calibrated (a temperature fitted on its inner OOF) and the members are pooled (`stack.pooling`:
+   by default a linear mixture with the class prior as one component, whose loss on every row is at most the
+   weighted mean of its components' losses), with weights fitted for the mean and the worst inner split;
+4. per fold the best single member replaces the pool where an inner split prefers it by more than
+   `fallback_margin`, and with `select`, where it beats the pool by more than `select_z` standard errors of the
+   paired per-row log-loss difference (see pipeline/pooling.py).
 Nothing fitted or chosen ever sees fold k's labels, so the OOF numbers are what new prompts would get. Every model
 is A/B symmetric: trained on both orientations (labels swapped) and averaged with its mirrored prediction.
 """
@@ -21,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from scipy.optimize import minimize
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline import artifacts, extraction, layout, setups
+from pipeline import artifacts, extraction, layout, pooling, setups
 from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS
 from pipeline.errors import UserError, require_int, require_number
@@ -96,6 +97,9 @@ class StackSpec:
     select: bool
     select_z: float
     blend_l2: float
+    pooling: pooling.PoolSettings    # how the members are combined (pipeline/pooling.py)
+    calibrate: bool                  # a temperature per member, fitted on its inner OOF
+    fallback_margin: float | None    # the best member replaces the blend where an inner split prefers it by more
     vectors: VectorRequest
     members: list[Member]            # blended, in stack.blend_members order
     baselines: dict[str, Member]     # length, linear: the members stack.baselines names
@@ -125,9 +129,18 @@ class StackSpec:
                                 f"{', '.join(BASELINE_MEMBERS)}")
         members = {n: member_from_config(n, stack.members[n]) for n in {*named["stack.blend_members"],
                                                                         *named["stack.baselines"]}}
+        if stack.pooling not in pooling.POOLINGS:
+            raise UserError(f"stack.pooling={stack.pooling}: use {' or '.join(pooling.POOLINGS)}")
+        l2 = require_number(stack.blend_l2, "stack.blend_l2", 0.0)
+        pool = pooling.PoolSettings(str(stack.pooling), l2, require_number(stack.blend_robust, "stack.blend_robust",
+                                                                            0.0, 1.0 + 1e-12))
+        if not isinstance(stack.calibrate, bool):
+            raise UserError(f"stack.calibrate={stack.calibrate}: use true or false")
+        margin = None if stack.fallback_margin is None else \
+            require_number(stack.fallback_margin, "stack.fallback_margin", 0.0)
         return cls(int(require_int(seed, "seed", 0)), require_int(stack.inner_folds, "stack.inner_folds", 2),
                    bool(stack.symmetric), bool(stack.select), require_number(stack.select_z, "stack.select_z", 0.0),
-                   require_number(stack.blend_l2, "stack.blend_l2", 0.0), vectors,
+                   l2, pool, stack.calibrate, margin, vectors,
                    [members[n] for n in stack.blend_members],
                    {k: members[stack.baselines[k]] for k in BASELINE_MEMBERS})
 
@@ -277,63 +290,26 @@ def with_recorded_stack(cfg: DictConfig, lay: Layout, trusted: DictConfig) -> Di
         raise UserError(f"this command line differs from the settings the stacker of {lay.root} was trained with: "
                         f"{', '.join(differ)}; drop those overrides (or re-run stage=all)")
     check_recorded_targets(recorded_stack, trusted, model_file)
-    return OmegaConf.merge(cfg, {"stack": recorded_stack})
+    # Settings added after the stacker was made take the values it was made with (setups.ADDED_LATER).
+    recorded = setups.with_added_settings(OmegaConf.create({"stack": recorded_stack}))
+    merged = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(cfg)), recorded)  # recorded keys may be new
+    OmegaConf.set_struct(merged, True)
+    return merged
 
 
 def head_prediction(pair: PairInputs) -> np.ndarray:
     return (pair.head + pair.head_other) / 2
 
 
-# ---------------------------------------------------------------------------------------------------- blender
-@dataclass
-class Blend:
-    """Log-linear pool: p proportional to exp(sum_m w_m log p_m + [0, 0, tie_bias]), w_m >= 0. A few parameters,
-    A/B symmetric whenever the members are."""
-
-    weights: np.ndarray
-    tie_bias: float
-
-    def predict(self, member_probs: list[np.ndarray]) -> np.ndarray:
-        logits = sum(w * np.log(np.clip(p, EPS, 1)) for w, p in zip(self.weights, member_probs))
-        logits = logits + np.array([0.0, 0.0, self.tie_bias])
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(axis=1, keepdims=True)
-
-
-def fit_blend(member_probs: list[np.ndarray], y: np.ndarray, l2: float) -> Blend:
-    def loss(theta: np.ndarray) -> float:
-        blend = Blend(theta[:-1], theta[-1])
-        return logloss(y, blend.predict(member_probs)) + l2 * float(np.sum(theta[:-1] ** 2))
-
-    start = np.array([1.0 / len(member_probs)] * len(member_probs) + [0.0])
-    bounds = [(0.0, 5.0)] * len(member_probs) + [(-5.0, 5.0)]
-    result = minimize(loss, start, method="L-BFGS-B", bounds=bounds)
-    return Blend(result.x[:-1], float(result.x[-1]))
-
-
-def blend_inner_oof(member_probs: list[np.ndarray], y: np.ndarray, inner: list[tuple[np.ndarray, np.ndarray]],
-                    l2: float) -> np.ndarray:
-    """The blend's own inner-CV predictions: fitted on the other inner folds' member predictions."""
-    oof = np.zeros((len(y), 3))
-    for inner_train, inner_valid in inner:
-        blend = fit_blend([p[inner_train] for p in member_probs], y[inner_train], l2)
-        oof[inner_valid] = blend.predict([p[inner_valid] for p in member_probs])
-    return oof
-
-
-def row_losses(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    return -np.log(np.clip(probs[np.arange(len(y)), y], EPS, 1))
-
-
+# ---------------------------------------------------------------------------------------------------- selection
 def select_candidate(y: np.ndarray, blend_oof: np.ndarray, member_oof: dict[str, np.ndarray], z: float) -> str:
     """The blend, unless a single member beats it on the inner split by more than z standard errors of the
     paired per-row log-loss difference: candidates this close are told apart by noise, and the blend already
     contains each member."""
-    blend_rows = row_losses(y, blend_oof)
+    blend_rows = pooling.row_losses(y, blend_oof)
     best, best_gain = "blend", 0.0
     for name, probs in member_oof.items():
-        diff = blend_rows - row_losses(y, probs)
+        diff = blend_rows - pooling.row_losses(y, probs)
         gain, se = diff.mean(), diff.std(ddof=1) / np.sqrt(len(diff))
         if gain > z * se and gain > best_gain:
             best, best_gain = name, gain
@@ -388,13 +364,15 @@ class FoldModel:
     members: list[Member]
     reducers: dict[str, PCA]
     fits: dict[str, MemberFit]
-    blend: Blend
+    blend: pooling.Pool
     chosen: str
+    temperatures: dict[str, float]   # each member's calibration (1.0: none)
 
     def member_predictions(self, pair: PairInputs, vectors: dict, symmetric: bool) -> dict[str, np.ndarray]:
         head = head_prediction(pair)
-        return {m.name: m.predict(self.fits[m.name], design(pair, m.groups, vectors, self.reducers)
-                                  if m.reads_design else None, head, symmetric) for m in self.members}
+        return {m.name: pooling.temper(m.predict(self.fits[m.name], design(pair, m.groups, vectors, self.reducers)
+                                                 if m.reads_design else None, head, symmetric),
+                                       self.temperatures.get(m.name, 1.0)) for m in self.members}
 
     def predict(self, pair: PairInputs, vectors: dict, symmetric: bool) -> np.ndarray:
         return self.combine(self.member_predictions(pair, vectors, symmetric))
@@ -426,8 +404,8 @@ def save_fold_model(model: FoldModel, folder: Path, length_member: str, strict: 
                             "cannot be exported; use LightGBM or linear members (or score with the experiment "
                             "folder itself)")
         members[member.name] = {"params": model.fits[member.name].params, "files": files}
-    return {"chosen": model.chosen, "blend": {"weights": model.blend.weights.tolist(), "tie_bias": model.blend.tie_bias},
-            "reducers": sorted(model.reducers), "members": members}
+    return {"chosen": model.chosen, "blend": model.blend.record([m.name for m in model.members]),
+            "temperatures": dict(model.temperatures), "reducers": sorted(model.reducers), "members": members}
 
 
 def load_fold_model(record: dict, folder: Path, members: list[Member]) -> FoldModel:
@@ -446,8 +424,8 @@ def load_fold_model(record: dict, folder: Path, members: list[Member]) -> FoldMo
             reducers[block] = pca
     fits = {m.name: MemberFit(np.zeros((0, 3)), float("nan"), record["members"][m.name]["params"],
                               m.restore(folder, record["members"][m.name]["files"])) for m in members}
-    blend = Blend(np.asarray(record["blend"]["weights"], dtype=np.float64), float(record["blend"]["tie_bias"]))
-    return FoldModel(members, reducers, fits, blend, record["chosen"])
+    return FoldModel(members, reducers, fits, pooling.pool_from_record(record["blend"]), record["chosen"],
+                     {name: float(t) for name, t in record.get("temperatures", {}).items()})
 
 
 @dataclass
@@ -455,6 +433,7 @@ class FoldResult:
     probs: np.ndarray                 # the chosen candidate's predictions on the scored rows
     test_probs: np.ndarray | None
     chosen: str
+    reason: str                       # why `chosen` scored this fold
     inner_losses: dict[str, float]
     blend: dict
     member_probs: dict[str, np.ndarray]
@@ -475,31 +454,51 @@ def fit_fold(data: StackData, spec: StackSpec, members: list[Member], k: int) ->
         else {}
     inner = inner_splits(y[train], data.groups[train], spec.inner_folds, spec.seed)
     head_all = head_prediction(pair)
-    fits, member_probs = {}, {}
+    fits, member_probs, temperatures, inner_oof = {}, {}, {}, {}
     for member in members:
         x = design(pair, member.groups, data.vectors, reducers) if member.reads_design else None
         fit = member.fit(None if x is None else x.rows(train), y[train], inner, head_all[train], spec.symmetric,
                          spec.seed)
         fits[member.name] = fit
-        member_probs[member.name] = member.predict(fit, None if x is None else x.rows(valid), head_all[valid],
-                                                   spec.symmetric)
+        # Calibrated on the member's inner OOF (training rows only): no member more confident than it earned there.
+        temperatures[member.name] = pooling.fit_temperature(fit.inner_oof, y[train]) if spec.calibrate else 1.0
+        inner_oof[member.name] = pooling.temper(fit.inner_oof, temperatures[member.name])
+        member_probs[member.name] = pooling.temper(member.predict(fit, None if x is None else x.rows(valid),
+                                                                  head_all[valid], spec.symmetric),
+                                                   temperatures[member.name])
     names = [m.name for m in members]
-    blend = fit_blend([fits[n].inner_oof for n in names], y[train], spec.blend_l2)
-    inner_losses = {n: fits[n].inner_loss for n in names}
+    groups = [va for _, va in inner]
+    blend = pooling.fit_pool(spec.pooling, [inner_oof[n] for n in names], y[train], groups)
+    inner_losses = {n: logloss(y[train], inner_oof[n]) for n in names}
+    chosen, reason = names[0], "the only member"
     if len(names) > 1:
-        blend_oof = blend_inner_oof([fits[n].inner_oof for n in names], y[train], inner, spec.blend_l2)
+        blend_oof = pooling.pool_inner_oof(spec.pooling, [inner_oof[n] for n in names], y[train], inner)
         inner_losses["blend"] = logloss(y[train], blend_oof)
-        chosen = select_candidate(y[train], blend_oof, {n: fits[n].inner_oof for n in names}, spec.select_z) \
-            if spec.select else "blend"
-    else:
-        chosen = names[0]
-    model = FoldModel(members, reducers, fits, blend, chosen)
+        chosen, reason = choose(y[train], blend_oof, inner_oof, inner, spec)
+    model = FoldModel(members, reducers, fits, blend, chosen, temperatures)
     # New rows (the test file) go through the same FoldModel an export rebuilds.
     member_test = model.member_predictions(test, data.vectors, spec.symmetric) if test is not None else {}
+    weights = dict(zip(names, np.round(blend.weights, 4).tolist()))
+    summary = {"kind": blend.kind, "weights": weights, "temperatures": {n: round(t, 4) for n, t in temperatures.items()}}
+    summary.update({"tie_bias": round(blend.tie_bias, 4)} if isinstance(blend, pooling.LogLinearPool) else
+                   {"prior_weight": round(blend.prior_weight, 4)})
     return FoldResult(model.combine(member_probs), model.combine(member_test) if test is not None else None, chosen,
-                      inner_losses, {"weights": dict(zip(names, np.round(blend.weights, 4).tolist())),
-                                     "tie_bias": round(blend.tie_bias, 4)},
-                      member_probs, member_test, model)
+                      reason, inner_losses, summary, member_probs, member_test, model)
+
+
+def choose(y: np.ndarray, blend_oof: np.ndarray, member_oof: dict[str, np.ndarray],
+           inner: list[tuple[np.ndarray, np.ndarray]], spec: StackSpec) -> tuple[str, str]:
+    """The candidate that scores an outer fold, and why: the best single member where the inner splits disagree
+    about the blend (pooling.fallback), else with `select` a member that beats the blend by select_z standard
+    errors, else the blend."""
+    fell_back = pooling.fallback(y, blend_oof, member_oof, inner, spec.fallback_margin)
+    if fell_back is not None:
+        return fell_back.member, fell_back.reason()
+    if spec.select:
+        best = select_candidate(y, blend_oof, member_oof, spec.select_z)
+        if best != "blend":
+            return best, f"{best} beat the blend on the inner split by more than {spec.select_z:g} standard errors"
+    return "blend", "the blend: no member beat it on the inner split"
 
 
 @dataclass
@@ -595,7 +594,7 @@ class StackResult:
         """metrics.json's `stack` entry (README: the public contract)."""
         labels, folds = self.data.labels, self.folds
         metrics = {"oof_logloss": logloss(labels, self.oof), "accuracy": accuracy(labels, self.oof),
-                   "chosen": [f.chosen for f in folds]}
+                   "chosen": [f.chosen for f in folds], "chosen_reason": [f.reason for f in folds]}
         if self.baselines is None:
             return metrics
         members = self.spec.members

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import artifacts, inputs, members, stacking
+from pipeline import artifacts, inputs, members, pooling, stacking
 from pipeline.data import LABEL_COLUMNS, load_pairs
 from pipeline.errors import UserError
 from pipeline.scoring import logloss, prior_probs
@@ -35,10 +35,9 @@ def test_oof_and_metrics(tiny_experiment):
     np.testing.assert_allclose(oof[list(LABEL_COLUMNS)].to_numpy(), result.oof, rtol=1e-12)
     for k, fold in enumerate(result.folds):
         names = list(cfg.stack.blend_members)
-        expected = stacking.Blend(np.array([fold.blend["weights"][n] for n in names]), fold.blend["tie_bias"]) \
-            .predict([fold.member_probs[n] for n in names]) if fold.chosen == "blend" else \
+        expected = fold.model.blend.predict([fold.member_probs[n] for n in names]) if fold.chosen == "blend" else \
             fold.member_probs[fold.chosen]
-        np.testing.assert_allclose(result.oof[result.data.fold_of == k], expected, atol=1e-3)
+        np.testing.assert_array_equal(result.oof[result.data.fold_of == k], expected)
     report = (exp / "stack" / "report.md").read_text()
     assert "\n| stacker | " in report and "## Per fold" in report and "layers" in report
     assert artifacts.read_state(exp / "stack")["done"]
@@ -192,22 +191,24 @@ def test_choices_never_see_the_scored_fold():
     assert not np.allclose(first.oof[fold_of == 1], second.oof[fold_of == 1])
 
 
-def test_blend_recovers_the_informative_member():
+@pytest.mark.parametrize("kind", pooling.POOLINGS)
+def test_blend_recovers_the_informative_member(kind):
     rng = np.random.default_rng(0)
     n = 400
     y = rng.integers(0, 3, n)
     good = np.full((n, 3), 0.2)
     good[np.arange(n), y] = 0.6
     noise = rng.dirichlet([1, 1, 1], n)
-    blend = stacking.fit_blend([noise, good], y, l2=0.001)
-    assert blend.weights[1] > 1 and blend.weights[0] < 0.05
-    assert logloss(y, blend.predict([noise, good])) < logloss(y, good)
+    blend = pooling.fit_pool(pooling.PoolSettings(kind, 0.001, 0.0), [noise, good], y, [])
+    assert blend.weights[1] > (1 if kind == "log_linear" else 0.8) and blend.weights[0] < 0.05
+    assert logloss(y, blend.predict([noise, good])) < logloss(y, good) + (0 if kind == "log_linear" else 1e-3)
 
 
-def test_blend_is_ab_symmetric():
+@pytest.mark.parametrize("blend", [pooling.LogLinearPool(np.array([0.7, 1.3]), 0.4),
+                                   pooling.LinearPool(np.array([0.3, 0.6]), 0.1, np.array([0.4, 0.4, 0.2]))])
+def test_blend_is_ab_symmetric(blend):
     rng = np.random.default_rng(0)
     probs = [rng.dirichlet([1, 1, 1], 50) for _ in range(2)]
-    blend = stacking.Blend(np.array([0.7, 1.3]), 0.4)
     mirrored = blend.predict([p[:, [1, 0, 2]] for p in probs])
     np.testing.assert_allclose(mirrored, blend.predict(probs)[:, [1, 0, 2]])
 
@@ -234,8 +235,13 @@ def test_unknown_member_and_group_are_user_errors():
 
 def test_pass_through_head_member_predicts_the_tta_head():
     pair, labels, fold_of, groups = synthetic()
-    result = run_cv(pair, labels, fold_of, groups, ["head"])
-    np.testing.assert_allclose(result.oof, (pair.head + pair.head_other) / 2)
+    head = (pair.head + pair.head_other) / 2
+    result = run_cv(pair, labels, fold_of, groups, ["head"], "stack.calibrate=false")
+    np.testing.assert_allclose(result.oof, head)
+    calibrated = run_cv(pair, labels, fold_of, groups, ["head"])  # tempered per fold by its inner OOF's T
+    for k, fold in enumerate(calibrated.folds):
+        np.testing.assert_array_equal(calibrated.oof[fold_of == k],
+                                      pooling.temper(head[fold_of == k], fold.model.temperatures["head"]))
 
 
 def test_staged_lightgbm_search_equals_separate_fits():
@@ -286,7 +292,7 @@ def test_select_candidate_needs_a_clear_paired_margin():
     p_true = np.where(np.arange(n) % 2 == 0, 0.40, 0.28)
     noisy = np.repeat(((1 - p_true) / 2)[:, None], 3, axis=1)
     noisy[np.arange(n), y] = p_true
-    assert np.mean(stacking.row_losses(y, blend) - stacking.row_losses(y, noisy)) > 0
+    assert np.mean(pooling.row_losses(y, blend) - pooling.row_losses(y, noisy)) > 0
     assert stacking.select_candidate(y, blend, {"noisy": noisy}, z=2.0) == "blend"
     # Among clear winners the larger gain wins; a worse member never replaces the blend.
     assert stacking.select_candidate(y, blend, {"sharp": sharp, "steady": steady}, z=2.0) == "sharp"
@@ -312,3 +318,108 @@ def test_verdict_diff_without_the_swapped_pass_is_one_error():
     with pytest.raises(UserError, match="verdict_diff.*embed.swap_tta=false"):
         request.settings(vectors)
     assert stacking.VectorRequest("finetuned", None, ["diff"], ["fwd", "swp"], 4).settings(vectors)["layers"] == ["h050"]
+
+
+# ------------------------------------------------------------------------------------- bounded damage (pooling)
+def shifted_members(seed: int = 0):
+    """Labels, and two members: `steady` is mildly right everywhere; `brittle` is sharper and right on the usual
+    rows, confidently wrong on a shifted group (the last quarter of the rows)."""
+    rng = np.random.default_rng(seed)
+    n = 800
+    y = rng.integers(0, 3, n)
+    shifted = np.arange(n) >= 3 * n // 4
+    steady = np.full((n, 3), 0.25)
+    steady[np.arange(n), y] = 0.5
+    brittle = np.full((n, 3), 0.05)
+    wrong = (y + 1) % 3
+    brittle[np.arange(n), np.where(shifted, wrong, y)] = 0.9
+    return y, shifted, steady, brittle
+
+
+def test_a_confidently_wrong_member_cannot_push_the_pool_above_its_bound():
+    """The linear pool's weights are fitted on the usual rows, where the brittle member looks best; on the shifted
+    group, its loss stays below the documented bound Σ w_m loss_m + w_0 loss_prior (and below loss_m + log 1/w_m
+    for every component), while the log-linear blend fitted on the same rows goes far above its members' mix."""
+    y, shifted, steady, brittle = shifted_members()
+    train = ~shifted
+    linear = pooling.fit_pool(pooling.PoolSettings("linear", 0.0, 0.0), [steady[train], brittle[train]], y[train], [])
+    assert linear.weights[1] > linear.weights[0]  # the brittle member earned its weight on the usual rows
+    group = [steady[shifted], brittle[shifted]]
+    pooled = logloss(y[shifted], linear.predict(group))
+    member_losses = [logloss(y[shifted], p) for p in group]
+    prior_loss = logloss(y[shifted], np.tile(linear.prior, (int(shifted.sum()), 1)))
+    bound = float(np.dot(linear.weights, member_losses) + linear.prior_weight * prior_loss)
+    assert pooled <= bound + 1e-12
+    for w, loss in zip(linear.weights, member_losses):
+        assert pooled <= loss + np.log(1 / w) + 1e-12
+    log_linear = pooling.fit_pool(pooling.PoolSettings("log_linear", 0.001, 0.0), [steady[train], brittle[train]],
+                                  y[train], [])
+    assert logloss(y[shifted], log_linear.predict(group)) > bound
+
+
+def test_group_robust_weights_move_weight_off_a_member_bad_on_one_group():
+    """With the shifted group among the inner splits, the robust objective (blend_robust > 0) gives the brittle
+    member less weight than the mean alone does."""
+    y, shifted, steady, brittle = shifted_members()
+    groups = [np.flatnonzero(~shifted)[i::3] for i in range(3)] + [np.flatnonzero(shifted)]
+    mean_only = pooling.fit_pool(pooling.PoolSettings("linear", 0.0, 0.0), [steady, brittle], y, groups)
+    robust = pooling.fit_pool(pooling.PoolSettings("linear", 0.0, 0.8), [steady, brittle], y, groups)
+    assert robust.weights[1] < mean_only.weights[1]
+    worst = lambda pool: max(logloss(y[g], pool.predict([steady[g], brittle[g]])) for g in groups)  # noqa: E731
+    assert worst(robust) < worst(mean_only)
+
+
+def test_temperature_calibration_never_leaves_a_member_overconfident():
+    rng = np.random.default_rng(1)
+    n = 600
+    y = rng.integers(0, 3, n)
+    favoured = np.where(rng.random(n) < 0.1, y, rng.integers(0, 3, n))  # right 40% of the time: 0.4 is honest
+    honest = np.full((n, 3), 0.3)
+    honest[np.arange(n), favoured] = 0.4
+    overconfident = pooling.temper(honest, 0.2)  # the same ranking, far too sure
+    t = pooling.fit_temperature(overconfident, y)
+    assert t > 3 and logloss(y, pooling.temper(overconfident, t)) < logloss(y, overconfident) - 0.1
+    assert pooling.fit_temperature(np.full((n, 3), 1 / 3), y) == 1.0  # nothing to gain: left exactly as it is
+
+
+def test_clipping_keeps_a_linear_member_within_its_training_range():
+    """A standardised logistic regression with `clip` scores a row far outside the training range exactly as the
+    row clipped to that range: it cannot extrapolate; without `clip` it does."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4))
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 1).astype(int)
+    design = members.Design(x, -x, [f"c{j}" for j in range(4)])
+    spec = stack_spec()
+    clipped = spec.baselines["linear"]
+    assert clipped.clip
+    far = members.Design(x[:5] * 100, -x[:5] * 100, design.columns)
+    both = np.concatenate([x, -x])  # a symmetric member trains on both orientations: the range spans both
+    at_edge = members.Design(np.clip(x[:5] * 100, both.min(0), both.max(0)),
+                             np.clip(-x[:5] * 100, both.min(0), both.max(0)), design.columns)
+    model = members.fit_symmetric(clipped.build({"C": 1.0}, 0), design, y, True)
+    np.testing.assert_array_equal(members.predict_symmetric(model, far, True),
+                                  members.predict_symmetric(model, at_edge, True))
+    unclipped = members.EstimatorMember("u", ["text"], clipped.prototype, clipped.target, {}, True, clip=False)
+    free = members.fit_symmetric(unclipped.build({"C": 1.0}, 0), design, y, True)
+    assert np.abs(members.predict_symmetric(free, far, True) - members.predict_symmetric(free, at_edge, True)).max() \
+        > 0.01
+
+
+def test_fallback_triggers_where_the_inner_splits_disagree_and_not_otherwise():
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 3, n)
+    inner = [(np.setdiff1d(np.arange(n), np.arange(i, n, 4)), np.arange(i, n, 4)) for i in range(4)]
+    member = np.full((n, 3), 0.3)
+    member[np.arange(n), y] = 0.4
+    better = np.full((n, 3), 0.25)
+    better[np.arange(n), y] = 0.5
+    # The blend is better than the member on every inner split: no fallback.
+    assert pooling.fallback(y, better, {"m": member}, inner, 0.02) is None
+    # Better on average, much worse on one inner split: the splits disagree, the member scores the fold.
+    uneven = better.copy()
+    uneven[inner[2][1]] = pooling.temper(np.roll(better[inner[2][1]], 1, axis=1), 0.5)
+    assert pooling.row_losses(y, uneven).mean() > pooling.row_losses(y, better).mean()
+    decided = pooling.fallback(y, uneven, {"m": member}, inner, 0.02)
+    assert decided is not None and decided.member == "m" and decided.split == 2 and "inner split 2" in decided.reason()
+    assert pooling.fallback(y, uneven, {"m": member}, inner, None) is None  # fallback_margin: null
