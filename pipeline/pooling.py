@@ -12,7 +12,8 @@
   ρ · the worst inner split's loss (a smooth maximum), so a member good on average but bad on some groups gets
   little weight.
 - **Fallback** (`stack.fallback_margin`): when the pool loses to the best single member on some inner split by more
-  than the margin, the inner splits disagree about the pool, and the fold is scored by that member.
+  than the margin (and by more than `select_z` standard errors there), the inner splits disagree about the pool,
+  and the fold is scored by that member.
 """
 from __future__ import annotations
 
@@ -194,12 +195,17 @@ class Fallback:
 
 
 def fallback(y: np.ndarray, blend_oof: np.ndarray, member_oof: dict[str, np.ndarray],
-             inner: list[tuple[np.ndarray, np.ndarray]], margin: float | None) -> Fallback | None:
-    """The best single member (by inner loss) when the blend loses to it on some inner split by more than `margin`;
-    None when the splits agree (or `margin` is None)."""
+             inner: list[tuple[np.ndarray, np.ndarray]], margin: float | None, z: float) -> Fallback | None:
+    """The best single member (by inner loss) when the blend loses to it on some inner split by more than `margin`
+    and by more than `z` standard errors of that split's paired per-row difference (a small split's noise is no
+    disagreement); None when the splits agree (or `margin` is None)."""
     if margin is None or not member_oof:
         return None
     best = min(member_oof, key=lambda name: mean_loss(y, member_oof[name]))
-    excess = [mean_loss(y[va], blend_oof[va]) - mean_loss(y[va], member_oof[best][va]) for _, va in inner]
-    worst = int(np.argmax(excess))
-    return Fallback(best, worst, float(excess[worst])) if excess[worst] > margin else None
+    worst: Fallback | None = None
+    for j, (_, va) in enumerate(inner):
+        diff = row_losses(y[va], blend_oof[va]) - row_losses(y[va], member_oof[best][va])
+        excess, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.inf
+        if excess > margin and excess > z * se and (worst is None or excess > worst.excess):
+            worst = Fallback(best, j, excess)
+    return worst

@@ -491,7 +491,7 @@ def choose(y: np.ndarray, blend_oof: np.ndarray, member_oof: dict[str, np.ndarra
     """The candidate that scores an outer fold, and why: the best single member where the inner splits disagree
     about the blend (pooling.fallback), else with `select` a member that beats the blend by select_z standard
     errors, else the blend."""
-    fell_back = pooling.fallback(y, blend_oof, member_oof, inner, spec.fallback_margin)
+    fell_back = pooling.fallback(y, blend_oof, member_oof, inner, spec.fallback_margin, spec.select_z)
     if fell_back is not None:
         return fell_back.member, fell_back.reason()
     if spec.select:

@@ -415,11 +415,15 @@ def test_fallback_triggers_where_the_inner_splits_disagree_and_not_otherwise():
     better = np.full((n, 3), 0.25)
     better[np.arange(n), y] = 0.5
     # The blend is better than the member on every inner split: no fallback.
-    assert pooling.fallback(y, better, {"m": member}, inner, 0.02) is None
+    assert pooling.fallback(y, better, {"m": member}, inner, 0.02, 2.0) is None
     # Better on average, much worse on one inner split: the splits disagree, the member scores the fold.
     uneven = better.copy()
     uneven[inner[2][1]] = pooling.temper(np.roll(better[inner[2][1]], 1, axis=1), 0.5)
     assert pooling.row_losses(y, uneven).mean() > pooling.row_losses(y, better).mean()
-    decided = pooling.fallback(y, uneven, {"m": member}, inner, 0.02)
+    decided = pooling.fallback(y, uneven, {"m": member}, inner, 0.02, 2.0)
     assert decided is not None and decided.member == "m" and decided.split == 2 and "inner split 2" in decided.reason()
-    assert pooling.fallback(y, uneven, {"m": member}, inner, None) is None  # fallback_margin: null
+    assert pooling.fallback(y, uneven, {"m": member}, inner, None, 2.0) is None  # fallback_margin: null
+    jittered = member * rng.uniform(0.5, 1.5, member.shape)  # per-row differences that vary: a split has noise
+    jittered /= jittered.sum(axis=1, keepdims=True)
+    assert pooling.fallback(y, uneven, {"m": jittered}, inner, 0.02, 2.0) is not None
+    assert pooling.fallback(y, uneven, {"m": jittered}, inner, 0.02, 1e6) is None  # within that split's noise
