@@ -7,6 +7,8 @@
     one of the components. Its damage is bounded: by convexity of -log, on every row and so on every group of rows,
     loss(pool) ≤ Σ_m w_m loss(m) + w_0 loss(prior), and loss(pool) ≤ loss(m) + log(1 / w_m) for each m. A member
     that is confidently wrong on a shifted group costs at most its weight times its excess loss there.
+  - `geometric`: p ∝ Π_m p_m^w_m · prior^w_0, weights on the simplex: the members' evidence multiplied, with the
+    same bound (Σ_c Π_m p_mc^w_m <= 1 by the weighted AM-GM inequality);
   - `log_linear`: the earlier blend, p ∝ exp(Σ_m w_m log p_m + tie bias), w_m in [0, 5]: sharper, unbounded.
 - **Group-robust weights** (`stack.blend_robust` = ρ): the pool's weights minimise (1 - ρ) · mean inner loss +
   ρ · the worst inner split's loss (a smooth maximum), so a member good on average but bad on some groups gets
@@ -23,7 +25,7 @@ import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
 EPS = 1e-7
-POOLINGS = ("linear", "log_linear")
+POOLINGS = ("linear", "geometric", "log_linear")
 TEMPERATURE_RANGE = (0.25, 10.0)
 SMOOTH_MAX_SHARPNESS = 50.0  # the worst split's loss as (1/β) log Σ exp(β L_j): within log(J)/β of the maximum
 
@@ -108,12 +110,38 @@ class LinearPool(Pool):
                 "prior": self.prior.tolist()}
 
 
+@dataclass
+class GeometricPool(Pool):
+    """p ∝ Π_m p_m^w_m · prior^prior_weight, weights on the simplex: the members' evidence multiplied (as the
+    log-linear blend does) but never sharpened beyond them. Since Σ_c Π_m p_mc^w_m <= Σ_c Σ_m w_m p_mc = 1, its loss
+    on every row is at most Σ_m w_m loss_m + prior_weight · loss_prior, the linear pool's bound."""
+
+    weights: np.ndarray
+    prior_weight: float
+    prior: np.ndarray
+    kind = "geometric"
+
+    def predict(self, member_probs: list[np.ndarray]) -> np.ndarray:
+        logits = sum(w * np.log(np.clip(p, EPS, 1)) for w, p in zip(self.weights, member_probs)) + \
+            self.prior_weight * np.log(self.prior)
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def record(self, names: list[str]) -> dict:
+        return {"kind": self.kind, "weights": self.weights.tolist(), "prior_weight": self.prior_weight,
+                "prior": self.prior.tolist()}
+
+
+SIMPLEX_POOLS = {"linear": LinearPool, "geometric": GeometricPool}
+
+
 def pool_from_record(record: dict) -> Pool:
     """Inverse of Pool.record; a record without `kind` is a log-linear blend (stackers made before pools)."""
     if record.get("kind", "log_linear") == "log_linear":
         return LogLinearPool(np.asarray(record["weights"], dtype=np.float64), float(record["tie_bias"]))
-    return LinearPool(np.asarray(record["weights"], dtype=np.float64), float(record["prior_weight"]),
-                      np.asarray(record["prior"], dtype=np.float64))
+    return SIMPLEX_POOLS[record["kind"]](np.asarray(record["weights"], dtype=np.float64),
+                                         float(record["prior_weight"]), np.asarray(record["prior"], dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -158,9 +186,9 @@ def fit_pool(settings: PoolSettings, member_probs: list[np.ndarray], y: np.ndarr
         e = np.exp(theta - theta.max())
         return e / e.sum()
 
-    def pool(theta: np.ndarray) -> LinearPool:
+    def pool(theta: np.ndarray) -> Pool:
         w = simplex(theta)
-        return LinearPool(w[:-1], float(w[-1]), prior)
+        return SIMPLEX_POOLS[settings.kind](w[:-1], float(w[-1]), prior)
 
     start = np.zeros(n + 1)
     start[-1] = -2.0  # the prior starts with a small share: a component to fall back on, not a default

@@ -36,8 +36,8 @@ def blend_summary(blend: dict) -> str:
     temperatures = blend.get("temperatures", {})
     weights = ", ".join(f"{n} {w:.2f}" + (f" (T {temperatures[n]:.2f})" if temperatures.get(n, 1.0) != 1.0 else "")
                         for n, w in blend["weights"].items())
-    if blend.get("kind") == "linear":
-        return f"linear: {weights}, prior {blend['prior_weight']:.2f}"
+    if blend.get("kind") in ("linear", "geometric"):
+        return f"{blend['kind']}: {weights}, prior {blend['prior_weight']:.2f}"
     return f"log-linear: {weights}; tie bias {blend['tie_bias']:.2f}"
 
 

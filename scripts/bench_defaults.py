@@ -43,6 +43,8 @@ CANDIDATES = {
     "linear pool + robust": ([x for x in EARLIER if x not in ("pooling=log_linear", "blend_robust=0.0")], None),
     "+ fallback": ([x for x in EARLIER if x != "fallback_margin=null"], None),
     NEW: ([], None),
+    "new, geometric pool": (["pooling=geometric"], None),
+    "new, geometric pool, no fallback": (["pooling=geometric", "fallback_margin=null"], None),
     # Member sets, judged against the new stage two with the experiment's own members.
     "new, without likelihood and linear members": (["blend_members=[head,text,summary,vectors,all_lgbm]"], NEW),
     "new, without linear member": (["blend_members=[head,text,summary,vectors,all_lgbm,likelihood]"], NEW),
