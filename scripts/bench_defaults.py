@@ -39,6 +39,7 @@ CANDIDATES = {
     "earlier stage two": (EARLIER, None),
     "+ clip": ([x for x in EARLIER if ".clip=" not in x], None),
     "+ calibrate": ([x for x in EARLIER if x != "calibrate=false"], None),
+    "+ clip + calibrate": ([x for x in EARLIER if ".clip=" not in x and x != "calibrate=false"], None),
     "linear pool (mean only)": ([x for x in EARLIER if x != "pooling=log_linear"], None),
     "linear pool + robust": ([x for x in EARLIER if x not in ("pooling=log_linear", "blend_robust=0.0")], None),
     "+ fallback": ([x for x in EARLIER if x != "fallback_margin=null"], None),
