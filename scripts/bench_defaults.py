@@ -29,26 +29,40 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The earlier stage two (before bounded pooling), then the new machinery one piece at a time and whole, and the
-# member sets shared_ties has used. Each entry: name -> stack overrides (dotted keys under `stack.`).
-EARLIER = ["pooling=log_linear", "blend_robust=0.0", "calibrate=false", "fallback_margin=null",
-           *[f"members.{m}.clip=false" for m in ("summary", "vectors", "likelihood", "linear")]]
-NEW = "new stage two (all of it)"
-# name -> (stack overrides, the candidate it is judged against: None = the reference, the first entry)
+MEMBERS_WITH_CLIP = ("summary", "vectors", "likelihood", "linear")
+
+
+def stage_two(pooling: str = "log_linear", robust: float = 0.0, calibrate: bool = False,
+              fallback: float | None = None, clip: bool = False) -> list[str]:
+    """Stack overrides (dotted keys under `stack.`) stating every stage-two setting, so a candidate means the same
+    whatever defaults the experiment was recorded with."""
+    return [f"pooling={pooling}", f"blend_robust={robust}", f"calibrate={str(calibrate).lower()}",
+            f"fallback_margin={'null' if fallback is None else fallback}",
+            *[f"members.{m}.clip={str(clip).lower()}" for m in MEMBERS_WITH_CLIP]]
+
+
+EARLIER = "earlier stage two"
+CLIPPED = "+ clip"
+BASE_MEMBERS = "[head,text,summary,vectors,all_lgbm]"
+# name -> (stack overrides, the candidate it is judged against: None = the reference, the first entry). The
+# earlier stage two (before bounded pooling), then each new piece alone, together, and all of it; then the member
+# sets shared_ties has used, judged on top of clipping (the piece that passes the rule).
 CANDIDATES = {
-    "earlier stage two": (EARLIER, None),
-    "+ clip": ([x for x in EARLIER if ".clip=" not in x], None),
-    "+ calibrate": ([x for x in EARLIER if x != "calibrate=false"], None),
-    "+ clip + calibrate": ([x for x in EARLIER if ".clip=" not in x and x != "calibrate=false"], None),
-    "linear pool (mean only)": ([x for x in EARLIER if x != "pooling=log_linear"], None),
-    "linear pool + robust": ([x for x in EARLIER if x not in ("pooling=log_linear", "blend_robust=0.0")], None),
-    "+ fallback": ([x for x in EARLIER if x != "fallback_margin=null"], None),
-    NEW: ([], None),
-    "new, geometric pool": (["pooling=geometric"], None),
-    "new, geometric pool, no fallback": (["pooling=geometric", "fallback_margin=null"], None),
-    # Member sets, judged against the new stage two with the experiment's own members.
-    "new, without likelihood and linear members": (["blend_members=[head,text,summary,vectors,all_lgbm]"], NEW),
-    "new, without linear member": (["blend_members=[head,text,summary,vectors,all_lgbm,likelihood]"], NEW),
+    EARLIER: (stage_two(), None),
+    CLIPPED: (stage_two(clip=True), None),
+    "+ calibrate": (stage_two(calibrate=True), None),
+    "+ clip + calibrate": (stage_two(calibrate=True, clip=True), None),
+    "+ robust weights (log-linear)": (stage_two(robust=0.5), None),
+    "linear pool": (stage_two(pooling="linear"), None),
+    "linear pool + robust": (stage_two(pooling="linear", robust=0.5), None),
+    "geometric pool + robust": (stage_two(pooling="geometric", robust=0.5), None),
+    "+ fallback": (stage_two(fallback=0.02), None),
+    "all of it (linear pool, robust, calibrate, fallback, clip)": (
+        stage_two("linear", 0.5, True, 0.02, True), None),
+    "+ clip, without the likelihood and linear members": (
+        [*stage_two(clip=True), f"blend_members={BASE_MEMBERS}"], CLIPPED),
+    "+ clip, without the linear member": (
+        [*stage_two(clip=True), f"blend_members={BASE_MEMBERS[:-1]},likelihood]"], CLIPPED),
 }
 
 

@@ -239,7 +239,7 @@ def test_pass_through_head_member_predicts_the_tta_head():
     head = (pair.head + pair.head_other) / 2
     result = run_cv(pair, labels, fold_of, groups, ["head"], "stack.calibrate=false")
     np.testing.assert_allclose(result.oof, head)
-    calibrated = run_cv(pair, labels, fold_of, groups, ["head"])  # tempered per fold by its inner OOF's T
+    calibrated = run_cv(pair, labels, fold_of, groups, ["head"], "stack.calibrate=true")  # tempered per fold by its inner OOF's T
     for k, fold in enumerate(calibrated.folds):
         np.testing.assert_array_equal(calibrated.oof[fold_of == k],
                                       pooling.temper(head[fold_of == k], fold.model.temperatures["head"]))
