@@ -5,11 +5,11 @@ For each outer fold k (the experiment's folds), on the rows of the other folds o
 2. each member model (a feature group + any scikit-learn-compatible classifier named by `_target_`) picks its
    hyper-parameters (e.g. LightGBM's number of rounds, the logistic regression's C) on a prompt-grouped inner
    split of those rows, then is refitted on all of them;
-3. each member is calibrated (a temperature fitted on its inner OOF) and the members are pooled (`stack.pooling`:
-   by default a linear mixture with the class prior as one component, whose loss on every row is at most the
-   weighted mean of its components' losses), with weights fitted for the mean and the worst inner split;
+3. the members are pooled (`stack.pooling`: by default the log-linear blend; `linear` and `geometric` bound the
+   damage a member can do, optionally after a temperature per member fitted on its inner OOF, `stack.calibrate`),
+   with weights fitted for the mean inner loss and, with `blend_robust`, the worst inner split's;
 4. per fold the best single member replaces the pool where an inner split prefers it by more than
-   `fallback_margin`, and with `select`, where it beats the pool by more than `select_z` standard errors of the
+   `fallback_margin` (when set), and with `select`, where it beats the pool by more than `select_z` standard errors of the
    paired per-row log-loss difference (see pipeline/pooling.py).
 Nothing fitted or chosen ever sees fold k's labels, so the OOF numbers are what new prompts would get. Every model
 is A/B symmetric: trained on both orientations (labels swapped) and averaged with its mirrored prediction.
