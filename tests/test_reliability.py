@@ -407,8 +407,11 @@ def test_damaged_base_model_on_the_command_line(tiny_cfg, tmp_path, model_cache)
 # ------------------------------------------------------------------------------------------------ 9. Ctrl-C
 # Runs the command line with fold 1's training interrupted by a SIGINT the process sends itself as that fold starts:
 # a known point after fold 0 finished, whatever the machine's speed (a timed signal raced the tiny fine-tune).
+# Python turns SIGINT into KeyboardInterrupt only where the process started with SIGINT at its default, as in a
+# terminal; a shell's background job (`pytest &`) starts with it ignored, so the child restores what a terminal gives.
 INTERRUPT_AT_FOLD_1 = """
 import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pipeline import training
 real, calls = training.train_adapter, []
 def interrupted(*args, **kwargs):
