@@ -118,6 +118,68 @@ def gemm_peak(dtype: torch.dtype, on: torch.device, seconds: float = 3.0) -> flo
     return best
 
 
+def model_shape_rate(config, tokens: int, dtype: torch.dtype, on: torch.device, seconds: float = 3.0) -> float:
+    """FLOP/s of one decoder layer's linears at the model's own shapes (`tokens` rows x hidden into q, k, v, o,
+    gate, up, down), run back to back as a layer runs them: the rate a pass could reach if it did nothing but its
+    matrix work, the denominator the passes' fractions are quoted against beside the square-GEMM peak."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden), (hidden, inner),
+              (hidden, inner), (inner, hidden)]
+    inputs = {k: torch.randn(tokens, k, device=on).to(dtype) for k in {k for k, _ in shapes}}
+    weights = [torch.randn(n, k, device=on).to(dtype) for k, n in shapes]
+    flops = sum(2 * tokens * k * n for k, n in shapes)
+
+    def layer() -> None:
+        for (k, _), w in zip(shapes, weights):
+            torch.nn.functional.linear(inputs[k], w)
+
+    layer()
+    synchronize(on)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        layer()
+        reps += 1
+    synchronize(on)
+    return flops * reps / (time.perf_counter() - start)
+
+
+# Profiler op names -> what they are in a pass or a LoRA step, for the --profile breakdowns.
+OP_KINDS = (("matmuls (base and LoRA linears)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
+                                                 "aten::linear", "aten::_mkl")),
+            ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
+            ("dtype casts (autocast, PEFT input casts, fp32 norms)", ("aten::to", "aten::_to_copy", "aten::copy_")),
+            ("optimizer", ("Optimizer.", "aten::_foreach", "adam")),
+            ("norms, activations, rotary, elementwise", ("aten::mul", "aten::add", "aten::silu", "aten::rsqrt",
+                                                         "aten::pow", "aten::mean", "aten::div", "aten::neg",
+                                                         "aten::cat", "aten::softmax", "aten::exp", "aten::sum",
+                                                         "aten::where")))
+
+
+def op_shares(prof, on: torch.device) -> dict[str, float]:
+    """Share of self time per kind of work in a torch.profiler run (OP_KINDS; the rest is Python, hooks, pooling,
+    collation and autograd bookkeeping)."""
+    events = prof.key_averages()
+    attr = "self_device_time_total" if on.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1
+    shares = {kind: 0.0 for kind, _ in OP_KINDS}
+    for event in events:
+        kind = next((k for k, names in OP_KINDS if any(n.lower() in event.key.lower() for n in names)), None)
+        if kind is not None:
+            shares[kind] += getattr(event, attr) / total
+    shares["everything else (Python, hooks, pooling, collation, autograd)"] = 1 - sum(shares.values())
+    return shares
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX matrix units (bf16 tiles), which the figures depend on."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS mark (VmHWM) so the peak after this point can be read."""
     Path("/proc/self/clear_refs").write_text("5")

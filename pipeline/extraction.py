@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import artifacts, layout, locks, setups
+from pipeline.adapter_merge import merged_lora
 from pipeline.context import RunContext
 from pipeline.data import swap_probabilities
 from pipeline.features import VectorKey
@@ -57,8 +58,9 @@ def validate(embed_cfg: DictConfig) -> None:
         raise UserError(f"embed.batch_tokens={embed_cfg.batch_tokens}: must be a positive token budget")
     if embed_cfg.max_length is not None:
         require_int(embed_cfg.max_length, "embed.max_length", 16)
-    if not isinstance(embed_cfg.lm_features, bool):
-        raise UserError(f"embed.lm_features={embed_cfg.lm_features}: use true or false")
+    for key in ("lm_features", "merge_lora"):
+        if not isinstance(embed_cfg[key], bool):
+            raise UserError(f"embed.{key}={embed_cfg[key]}: use true or false")
 
 
 def is_current(fold_dir: Path, setup: dict) -> bool:
@@ -161,12 +163,13 @@ def pass_features(model, rows: Rows, settings: PassSettings, desc: str = "") -> 
 
     orientations = [("fwd", rows.encoded)] + ([("swp", rows.swapped)] if rows.swapped is not None else [])
     out: dict[str, np.ndarray] = {}
-    for orientation, encoded in orientations:
-        result = one_pass(encoded, orientation)
-        probs = softmax(result.logits)
-        out["head" if orientation == "fwd" else "head_swapped"] = probs if orientation == "fwd" else \
-            swap_probabilities(probs)
-        out.update(_orient(result.vectors, orientation))
+    with merged_lora(model, enabled=bool(embed_cfg.merge_lora)):
+        for orientation, encoded in orientations:
+            result = one_pass(encoded, orientation)
+            probs = softmax(result.logits)
+            out["head" if orientation == "fwd" else "head_swapped"] = probs if orientation == "fwd" else \
+                swap_probabilities(probs)
+            out.update(_orient(result.vectors, orientation))
     out.setdefault("head_swapped", out["head"])
     if embed_cfg.base_vectors and hasattr(model, "disable_adapter"):
         with model.disable_adapter():  # the same base weights without LoRA: does fine-tuning help the vectors?

@@ -18,7 +18,7 @@ EMBED_TEST_ONLY = ("test_adapters",)
 # Settings added after experiments were made, with the value that computes what those experiments computed: at that
 # value a setting is left out of the hashes, so finished work stays valid; any other value is hashed as usual.
 ADDED_LATER = {"finetune": {"train": True, "init_adapter": None},
-               "embed": {"max_length": None, "lm_features": False},
+               "embed": {"max_length": None, "lm_features": False, "merge_lora": False},
                "stack": {"pooling": "log_linear", "blend_robust": 0.0, "calibrate": False, "fallback_margin": None}}
 # The same for each stack member's settings (stack.members.<name>.<key>).
 MEMBER_ADDED_LATER = {"clip": False}

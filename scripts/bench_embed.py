@@ -1,17 +1,23 @@
 """Head logits + response_a / response_b vectors: the seed recipe against the pipeline's extraction, same rows.
 
-    python scripts/bench_embed.py [--rows 64] [--model smollm2] [--max-length 256] [--batch-rows 8]
+    python scripts/bench_embed.py [--rows 64] [--model smollm2] [--max-length 256] [--batch-rows 8] [--profile]
     python scripts/bench_embed.py --model llama3_8b --preset-random --rows 256 --max-length 1024   # GPU
 
 seed recipe: fp32, rows in file order, every batch padded to max_length, output_hidden_states=True (every layer
 kept), three passes per batch: the pair through the classifier for the head, then response_a alone and response_b
 alone through the backbone (AutoModel) for their mean-pooled last hidden state.
 pipeline:    one pass per pair (one orientation, as each embed pass is) in the compute dtype, rows sorted by
-length, token-budget batches with dynamic padding, a forward hook keeping only the pooled layer.
+length, token-budget batches with dynamic padding, a forward hook keeping only the pooled layer, the fold's LoRA
+merged into the base weights (embed.merge_lora). Beside it, the same pass as it ran before: LoRA unmerged (base +
+two skinny matmuls per linear), first with PEFT's input casts (bf16 -> fp32, undone by autocast), then without.
 memory_ratio: each recipe runs in its own process with --batch-rows rows per batch; its peak RSS above its RSS
-after model load, seed over pipeline. peak_fraction: (2*N per real token + attention 4*T^2*d per layer) per
-second over this machine's GEMM peak in the pipeline's compute dtype.
-Last line: speedup=X.XX memory_ratio=Y.YY peak_fraction=Z.ZZ
+after model load, seed over pipeline (the pipeline's includes the copy of the base weights a merge keeps).
+peak_fraction: (2*N per real token + attention 4*T^2*d per layer) per second over this machine's square-GEMM peak
+in the pipeline's compute dtype; model_shape_fraction: the same over the rate of one decoder layer's linears at
+the model's own shapes (benchmarking.model_shape_rate), both measured in this run.
+--profile: the share of self time per kind of work (matmuls, attention, casts, elementwise, the rest) of the pass
+before and after, under torch.profiler.
+Last line: speedup=X.XX memory_ratio=Y.YY peak_fraction=Z.ZZ model_shape_fraction=F.FF merge_speedup=M.MM
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import benchmarking as bench  # noqa: E402
 from pipeline import modeling  # noqa: E402
+from pipeline.adapter_merge import merged_lora  # noqa: E402
 from pipeline.formatting import encode_frame, segment_text, tokenizer_fn  # noqa: E402
 from pipeline.inference import forward_pass, pad_batch  # noqa: E402
 
@@ -77,16 +84,40 @@ def load(cfg, source, tokenizer, dtype, on):
     return model, n_params
 
 
+# The pipeline's pass as it was before each speed lever, then as it is: (merge the LoRA, skip PEFT's input casts).
+PASSES = {"before": (False, False), "no_casts": (False, True), "pipeline": (True, True)}
+
+
 def run_recipe(args, recipe: str, model, cfg, on, tokenizer, frame, encoded, dtype, batch_tokens: int,
                max_rows: int | None) -> float:
     start = time.perf_counter()
     if recipe == "seed":
         seed_recipe(model, tokenizer, frame, encoded, cfg.model.max_length, args.batch_rows, on)
     else:
-        forward_pass(model, encoded, tokenizer.pad_token_id, batch_tokens, on, dtype, layers=list(cfg.embed.layers),
-                     max_rows=max_rows)
+        merge, skip_casts = PASSES[recipe]
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = not skip_casts
+        with merged_lora(model, enabled=merge):
+            forward_pass(model, encoded, tokenizer.pad_token_id, batch_tokens, on, dtype,
+                         layers=list(cfg.embed.layers), max_rows=max_rows)
     bench.synchronize(on)
     return time.perf_counter() - start
+
+
+def profile_passes(args, model, cfg, on, tokenizer, frame, encoded, dtype) -> None:
+    """Where a pass's self time goes, before the speed levers and now (a quarter of the rows each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on.type == "cuda" else [])
+    shares = {}
+    for recipe in ("before", "pipeline"):
+        with profile(activities=activities) as prof:
+            run_recipe(args, recipe, model, cfg, on, tokenizer, frame, encoded[: max(4, len(encoded) // 4)],
+                       dtype, cfg.embed.batch_tokens, None)
+        shares[recipe] = bench.op_shares(prof, on)
+    bench.print_table([(kind, f"{100 * shares['before'][kind]:.1f}%", f"{100 * shares['pipeline'][kind]:.1f}%")
+                       for kind in shares["before"]], ("share of a pass's self time", "before", "pipeline"))
 
 
 def memory_child(args, recipe: str) -> None:
@@ -105,6 +136,7 @@ def memory_child(args, recipe: str) -> None:
 def main() -> None:
     parser = bench.common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--memory-child", choices=("seed", "pipeline"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="first profile the pass before and after the levers")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args, args.memory_child)
@@ -119,12 +151,18 @@ def main() -> None:
     seed_s = run_recipe(args, "seed", seed_model, cfg, on, tokenizer, frame, encoded, torch.float32, 0, None)
     del seed_model
     model, _ = load(cfg, source, tokenizer, dtype, on)
-    run_recipe(args, "pipeline", model, cfg, on, tokenizer, frame, encoded[:4], dtype, cfg.embed.batch_tokens, None)
-    # Measured right before the timed pipeline pass, in the same process and dtype (shared machines drift).
-    peak = bench.gemm_peak(dtype, on)
-    pipe_s = run_recipe(args, "pipeline", model, cfg, on, tokenizer, frame, encoded, dtype, cfg.embed.batch_tokens,
-                        None)
+    if args.profile:
+        profile_passes(args, model, cfg, on, tokenizer, frame, encoded, dtype)
+    for recipe in PASSES:  # warm-up
+        run_recipe(args, recipe, model, cfg, on, tokenizer, frame, encoded[:4], dtype, cfg.embed.batch_tokens, None)
+    # Both denominators measured right before the timed passes, in the same process and dtype (shared machines
+    # drift); the model-shape rate at the token count of a full batch.
     backbone = model.get_base_model().config
+    peak = bench.gemm_peak(dtype, on)
+    shape_rate = bench.model_shape_rate(backbone, min(int(cfg.embed.batch_tokens), sum(lengths)), dtype, on)
+    seconds = {recipe: run_recipe(args, recipe, model, cfg, on, tokenizer, frame, encoded, dtype,
+                                  cfg.embed.batch_tokens, None) for recipe in PASSES}
+    pipe_s = seconds["pipeline"]
     flops = 2 * n_params * sum(lengths) + bench.attention_flops(lengths, backbone.num_hidden_layers,
                                                                backbone.hidden_size)
 
@@ -138,16 +176,23 @@ def main() -> None:
         stats = json.loads(child.stdout.strip().splitlines()[-1])
         memory[recipe] = (stats["gpu_peak"] / 1024 if stats["gpu_peak"] is not None
                           else stats["peak_kib"] - stats["after_load_kib"])
-    bench.print_table([
-        ("seed recipe (fp32, 3 passes, all hidden states, pad to max_length)", f"{seed_s:.2f}",
-         f"{len(encoded) / seed_s:.1f}", f"{memory['seed'] / 1024:.0f}"),
-        (f"pipeline ({str(dtype).split('.')[-1]}, 1 pass, hook, sorted token batches)", f"{pipe_s:.2f}",
-         f"{len(encoded) / pipe_s:.1f}", f"{memory['pipeline'] / 1024:.0f}"),
-    ], ("recipe", "seconds", "rows/s", f"peak MiB above loaded ({args.batch_rows} rows/batch)"))
-    print(f"GEMM peak ({str(dtype).split('.')[-1]}): {peak / 1e9:.1f} GFLOP/s; pipeline model "
-          f"{flops / pipe_s / 1e9:.1f} GFLOP/s; N = {n_params:,}")
+    name = str(dtype).split('.')[-1]
+    rows = [("seed recipe (fp32, 3 passes, all hidden states, pad to max_length)", seed_s, memory["seed"]),
+            (f"before: {name}, 1 pass, hook, sorted token batches, LoRA unmerged, PEFT input casts",
+             seconds["before"], None),
+            ("  + no PEFT input casts", seconds["no_casts"], None),
+            ("  + LoRA merged into the base weights (pipeline)", pipe_s, memory["pipeline"])]
+    bench.print_table([(label, f"{s:.2f}", f"{len(encoded) / s:.1f}",
+                        "" if label.startswith("seed") else f"{flops / s / 1e9:.0f}",
+                        "" if mem is None else f"{mem / 1024:.0f}") for label, s, mem in rows],
+                      ("recipe", "seconds", "rows/s", "model GFLOP/s", f"peak MiB above loaded ({args.batch_rows} "
+                                                                        "rows/batch)"))
+    print(f"square GEMM peak ({name}): {peak / 1e9:.1f} GFLOP/s; model-shape linears at "
+          f"{min(int(cfg.embed.batch_tokens), sum(lengths))} tokens: {shape_rate / 1e9:.1f} GFLOP/s; pipeline "
+          f"{flops / pipe_s / 1e9:.1f} GFLOP/s; N = {n_params:,}; AMX: {bench.has_amx()}")
     print(f"speedup={seed_s / pipe_s:.2f} memory_ratio={memory['seed'] / max(memory['pipeline'], 1):.2f} "
-          f"peak_fraction={flops / pipe_s / peak:.2f}")
+          f"peak_fraction={flops / pipe_s / peak:.2f} model_shape_fraction={flops / pipe_s / shape_rate:.2f} "
+          f"merge_speedup={seconds['before'] / pipe_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ pipeline: compute dtype from model.precision=auto (bf16 where supported), length
 naive:    fp32, rows in file order, every row padded to max_length.
 Both: the same LoRA setup, HF Trainer, one epoch over the rows. tokens/s counts real (non-pad) tokens.
 peak_fraction: 4*N FLOPs per real token (frozen base + LoRA; N = non-embedding parameters; no recomputation)
-per second, over this machine's GEMM peak measured here in the pipeline's compute dtype.
-Last line: speedup=X.XX padding_waste=Y.YY peak_fraction=Z.ZZ
+per second, over this machine's GEMM peak measured here in the pipeline's compute dtype; model_shape_fraction: the
+same over the rate of one decoder layer's linears at the model's shapes (benchmarking.model_shape_rate), at the
+tokens of one batch (--batch-rows x --max-length), measured in this run. The pipeline row skips PEFT's input casts
+(bf16 -> fp32 -> bf16 under autocast: the same numbers); the row above it keeps them, as before.
+Last line: speedup=X.XX padding_waste=Y.YY peak_fraction=Z.ZZ model_shape_fraction=F.FF
 
     python scripts/bench_finetune.py --profile   # where a LoRA step's seconds go (torch profiler), then the bench
     python scripts/bench_finetune.py --top-layers 8 --epochs 3   # LoRA on the top 8 layers, with the frozen
@@ -35,16 +38,6 @@ from pipeline.training import (PaddingCollator, pipeline_trainer, training_argum
                                with_cached_prefix)
 
 
-# Profiler op names -> what they are in a LoRA step, for the --profile breakdown.
-OP_KINDS = (("matmuls (base and LoRA linears, attention)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
-                                                            "aten::linear", "scaled_dot_product", "aten::_mkl")),
-            ("dtype casts (autocast, fp32 master weights)", ("aten::to", "aten::_to_copy", "aten::copy_")),
-            ("optimizer", ("Optimizer.", "aten::_foreach", "adam")),
-            ("norms, activations, elementwise", ("aten::mul", "aten::add", "aten::silu", "aten::rsqrt", "aten::pow",
-                                                "aten::mean", "aten::div", "aten::neg", "aten::cat", "aten::softmax",
-                                                "aten::exp", "aten::sum", "aten::where")))
-
-
 def profile_steps(cfg, source, tokenizer, rows, dtype, on, steps: int = 6) -> None:
     """Run `steps` pipeline training steps under the torch profiler; print the top ops by self time and the share
     of each kind of work (matmuls, casts, optimizer, elementwise, the rest: collation, autograd bookkeeping)."""
@@ -58,25 +51,21 @@ def profile_steps(cfg, source, tokenizer, rows, dtype, on, steps: int = 6) -> No
     events = prof.key_averages()
     attr = "self_device_time_total" if on.type == "cuda" else "self_cpu_time_total"
     print(events.table(sort_by=attr, row_limit=15))
-    total = sum(getattr(e, attr) for e in events)
-    shares = {kind: 0.0 for kind, _ in OP_KINDS}
-    for event in events:
-        kind = next((k for k, names in OP_KINDS if any(n.lower() in event.key.lower() for n in names)), None)
-        if kind is not None:
-            shares[kind] += getattr(event, attr)
-    for kind, value in shares.items():
-        print(f"{kind}: {100 * value / total:.1f}% of self time")
-    print(f"everything else (collation, autograd bookkeeping, hooks): {100 * (1 - sum(shares.values()) / total):.1f}%")
+    for kind, share in bench.op_shares(prof, on).items():
+        print(f"{kind}: {100 * share:.1f}% of self time")
 
 
 def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_length: int | None,
-               tight_length_batches: bool = True) -> dict:
+               tight_length_batches: bool = True, input_casts: bool = False) -> dict:
     from transformers import set_seed
 
     set_seed(cfg.seed)
     model = bench.classifier(cfg, source, tokenizer, dtype, on)
     n_params = bench.non_embedding_params(model)
     model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
+    for module in model.modules():  # add_lora skips PEFT's input casts; `input_casts` restores them, as before
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = input_casts
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=fixed_length or 1)
     bench.synchronize(on)
     start = time.perf_counter()  # the prefix cache's one-time pass counts
@@ -162,8 +151,12 @@ def main() -> None:
     profiled = cfg.copy()
     profiled.finetune.lora.lora_dropout = 0.05
     before = train_once(profiled, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None,
-                        tight_length_batches=False)
+                        tight_length_batches=False, input_casts=True)
+    casts = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None, input_casts=True)
+    config = bench.classifier(cfg, source, tokenizer, dtype, on).config
+    batch_tokens = args.batch_rows * cfg.model.max_length
     peak = bench.gemm_peak(dtype, on)
+    shape_rate = bench.model_shape_rate(config, batch_tokens, dtype, on)
     pipeline = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None)
     bench.print_table([
         ("naive (fp32, file order, pad to max_length)", f"{naive['seconds']:.1f}", f"{naive['tokens_per_s']:.0f}",
@@ -171,14 +164,21 @@ def main() -> None:
         (f"before profiling ({str(dtype).split('.')[-1]}, HF length grouping, LoRA dropout 0.05)",
          f"{before['seconds']:.1f}", f"{before['tokens_per_s']:.0f}", f"{before['waste']:.3f}",
          f"{before['flops_per_s'] / 1e9:.1f}"),
-        (f"pipeline ({str(dtype).split('.')[-1]}, sorted length batches, dropout "
-         f"{cfg.finetune.lora.lora_dropout})", f"{pipeline['seconds']:.1f}",
+        (f"  + sorted length batches, dropout {cfg.finetune.lora.lora_dropout}, PEFT input casts",
+         f"{casts['seconds']:.1f}", f"{casts['tokens_per_s']:.0f}", f"{casts['waste']:.3f}",
+         f"{casts['flops_per_s'] / 1e9:.1f}"),
+        ("  + no PEFT input casts (pipeline)", f"{pipeline['seconds']:.1f}",
          f"{pipeline['tokens_per_s']:.0f}", f"{pipeline['waste']:.3f}", f"{pipeline['flops_per_s'] / 1e9:.1f}"),
     ], ("setup", "seconds", "real tokens/s", "padding waste", "model GFLOP/s"))
-    print(f"GEMM peak ({str(dtype).split('.')[-1]}): {peak / 1e9:.1f} GFLOP/s; N = {pipeline['n_params']:,}")
-    print(f"profiling fix: {pipeline['tokens_per_s'] / before['tokens_per_s']:.2f}x tokens/s")
+    print(f"square GEMM peak ({str(dtype).split('.')[-1]}): {peak / 1e9:.1f} GFLOP/s; model-shape linears at "
+          f"{batch_tokens} tokens: {shape_rate / 1e9:.1f} GFLOP/s; N = {pipeline['n_params']:,}; AMX: "
+          f"{bench.has_amx()}")
+    print(f"profiling fix: {pipeline['tokens_per_s'] / before['tokens_per_s']:.2f}x tokens/s; input casts: "
+          f"{pipeline['tokens_per_s'] / casts['tokens_per_s']:.2f}x; loss {casts['loss']:.5f} with, "
+          f"{pipeline['loss']:.5f} without")
     print(f"speedup={pipeline['tokens_per_s'] / naive['tokens_per_s']:.2f} padding_waste={pipeline['waste']:.2f} "
-          f"peak_fraction={pipeline['flops_per_s'] / peak:.2f}")
+          f"peak_fraction={pipeline['flops_per_s'] / peak:.2f} "
+          f"model_shape_fraction={pipeline['flops_per_s'] / shape_rate:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""The fast paths change no result beyond bf16 rounding: a scoring pass with the fold's LoRA merged into the base
+weights (embed.merge_lora) and LoRA linears without PEFT's input casts (undone by autocast at once)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline import extraction, inputs, modeling
+from pipeline.adapter_merge import merged_lora
+from pipeline.data import load_pairs
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def scoring(tiny_experiment):
+    """Fold 0's trained adapter on the tiny base, in bf16 and in fp32, with 24 training rows encoded."""
+    cfg, exp, _ = tiny_experiment
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    adapter = exp / "finetune" / "fold_0" / "adapter"
+    models = {dtype: modeling.load_with_adapter(source, cfg.model, tokenizer, adapter, dtype, CPU)
+              for dtype in (torch.bfloat16, torch.float32)}
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame.iloc[:24]
+    rows = extraction.encode_rows(tokenizer, frame, cfg)
+    return cfg, tokenizer, models, rows
+
+
+def features(cfg, tokenizer, model, rows, dtype, merge: bool) -> dict[str, np.ndarray]:
+    embed = OmegaConf.merge(cfg.embed, {"merge_lora": merge})
+    return extraction.pass_features(model, rows, extraction.PassSettings(tokenizer.pad_token_id, embed, CPU, dtype))
+
+
+def largest_difference(one: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(one[k] - other[k]).max()) for k in one)
+
+
+def test_a_merged_scoring_pass_agrees_with_the_unmerged_one_within_bf16_rounding(scoring):
+    """Every feature of the merged bf16 pass lies as close to the unmerged bf16 pass as bf16 itself lies to fp32
+    (twice that at most), while the adapter still matters: the merged pass is far from the base model's own."""
+    cfg, tokenizer, models, rows = scoring
+    bf16 = models[torch.bfloat16]
+    unmerged = features(cfg, tokenizer, bf16, rows, torch.bfloat16, merge=False)
+    merged = features(cfg, tokenizer, bf16, rows, torch.bfloat16, merge=True)
+    reference = features(cfg, tokenizer, models[torch.float32], rows, torch.float32, merge=False)
+    with bf16.disable_adapter():
+        base = features(cfg, tokenizer, bf16, rows, torch.bfloat16, merge=False)
+    rounding = largest_difference(unmerged, reference)
+    assert set(merged) == set(unmerged)
+    assert largest_difference(merged, unmerged) <= 2 * rounding
+    assert largest_difference(merged, base) > 4 * largest_difference(merged, unmerged)
+
+
+def test_merging_restores_every_base_weight_bit_for_bit(scoring):
+    """After a merged pass (and after an error inside one) every weight of the model is what it was: the next fold's
+    adapter, the base-model vectors and the unmerged pass see the same base."""
+    cfg, tokenizer, models, rows = scoring
+    model = models[torch.bfloat16]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    n_lora = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    with merged_lora(model) as merged:
+        assert merged == n_lora > 0
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all("base_layer" in n for n in changed)
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_lora(model):
+            raise RuntimeError("inside")
+    features(cfg, tokenizer, model, rows, torch.bfloat16, merge=True)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with merged_lora(model, enabled=False) as merged:
+        assert merged == 0
+
+
+def test_lora_without_input_casts_gives_the_same_logits_and_gradients(tiny_cfg):
+    """Under bf16 autocast, a LoRA model whose layers skip PEFT's input cast (fp32 and straight back) computes the
+    same logits and the same gradients, bit for bit."""
+    cfg = tiny_cfg()
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    ids = torch.randint(3, 200, (4, 40))
+    results = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.bfloat16, CPU),
+                                  cfg.model, cfg.finetune.lora, False)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B = 0 at init would hide the LoRA path
+                torch.nn.init.normal_(param, std=0.02)
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                assert module.cast_input_dtype_enabled is False  # add_lora turned the casts off
+                module.cast_input_dtype_enabled = not skip
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        logits.float().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (fast_logits, fast_grads), (cast_logits, cast_grads) = results
+    assert torch.equal(fast_logits, cast_logits)
+    assert fast_grads.keys() == cast_grads.keys() and fast_grads
+    assert all(torch.equal(fast_grads[n], cast_grads[n]) for n in fast_grads)
