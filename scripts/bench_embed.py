@@ -1,6 +1,6 @@
 """Head logits + response_a / response_b vectors: the seed recipe against the pipeline's extraction, same rows.
 
-    python scripts/bench_embed.py [--rows 64] [--model smollm2] [--max-length 256] [--batch-rows 8] [--profile]
+    python scripts/bench_embed.py [--rows 64] [--model smollm2] [--max-length 256] [--batch-rows 8] [--profile] [--compile]
     python scripts/bench_embed.py --model llama3_8b --preset-random --rows 256 --max-length 1024   # GPU
 
 seed recipe: fp32, rows in file order, every batch padded to max_length, output_hidden_states=True (every layer
@@ -16,7 +16,9 @@ peak_fraction: (2*N per real token + attention 4*T^2*d per layer) per second ove
 in the pipeline's compute dtype; model_shape_fraction: the same over the rate of one decoder layer's linears at
 the model's own shapes (benchmarking.model_shape_rate), both measured in this run.
 --profile: the share of self time per kind of work (matmuls, attention, casts, elementwise, the rest) of the pass
-before and after, under torch.profiler.
+before and after, under torch.profiler. --compile: also the merged pass with the decoder compiled (torch.compile,
+dynamic shapes), its one-time compile seconds and after how many rows it is repaid (measured only; the pipeline
+runs eager).
 Last line: speedup=X.XX memory_ratio=Y.YY peak_fraction=Z.ZZ model_shape_fraction=F.FF merge_speedup=M.MM
 """
 from __future__ import annotations
@@ -120,6 +122,16 @@ def profile_passes(args, model, cfg, on, tokenizer, frame, encoded, dtype) -> No
                        for kind in shares["before"]], ("share of a pass's self time", "before", "pipeline"))
 
 
+def compiled_pass(args, model, cfg, on, tokenizer, frame, encoded, dtype) -> dict:
+    """The merged pass with the decoder body compiled (inductor, dynamic shapes): its one-time compile seconds
+    (the first batches) and the seconds of a timed pass after it. Measured here only: the pipeline runs eager."""
+    model.get_base_model().model.compile(dynamic=True)
+    compile_s = run_recipe(args, "pipeline", model, cfg, on, tokenizer, frame, encoded[:4], dtype,
+                           cfg.embed.batch_tokens, None)
+    return {"compile_s": compile_s, "seconds": run_recipe(args, "pipeline", model, cfg, on, tokenizer, frame, encoded,
+                                                          dtype, cfg.embed.batch_tokens, None)}
+
+
 def memory_child(args, recipe: str) -> None:
     """Run one recipe in this process and print its peak RSS growth after model load (KiB) as JSON."""
     cfg, on, source, tokenizer, frame, encoded = setup(args)
@@ -137,6 +149,8 @@ def main() -> None:
     parser = bench.common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--memory-child", choices=("seed", "pipeline"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="first profile the pass before and after the levers")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the merged pass with the decoder compiled (torch.compile), and its compile cost")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args, args.memory_child)
@@ -163,6 +177,7 @@ def main() -> None:
     seconds = {recipe: run_recipe(args, recipe, model, cfg, on, tokenizer, frame, encoded, dtype,
                                   cfg.embed.batch_tokens, None) for recipe in PASSES}
     pipe_s = seconds["pipeline"]
+    compiled = compiled_pass(args, model, cfg, on, tokenizer, frame, encoded, dtype) if args.compile else None
     flops = 2 * n_params * sum(lengths) + bench.attention_flops(lengths, backbone.num_hidden_layers,
                                                                backbone.hidden_size)
 
@@ -182,6 +197,9 @@ def main() -> None:
              seconds["before"], None),
             ("  + no PEFT input casts", seconds["no_casts"], None),
             ("  + LoRA merged into the base weights (pipeline)", pipe_s, memory["pipeline"])]
+    if compiled is not None:
+        rows.append((f"  + torch.compile of the decoder, dynamic shapes (compile: {compiled['compile_s']:.0f} s, "
+                     "not counted)", compiled["seconds"], None))
     bench.print_table([(label, f"{s:.2f}", f"{len(encoded) / s:.1f}",
                         "" if label.startswith("seed") else f"{flops / s / 1e9:.0f}",
                         "" if mem is None else f"{mem / 1024:.0f}") for label, s, mem in rows],
@@ -190,6 +208,12 @@ def main() -> None:
     print(f"square GEMM peak ({name}): {peak / 1e9:.1f} GFLOP/s; model-shape linears at "
           f"{min(int(cfg.embed.batch_tokens), sum(lengths))} tokens: {shape_rate / 1e9:.1f} GFLOP/s; pipeline "
           f"{flops / pipe_s / 1e9:.1f} GFLOP/s; N = {n_params:,}; AMX: {bench.has_amx()}")
+    if compiled is not None:
+        saved_per_row = (pipe_s - compiled["seconds"]) / len(encoded)
+        print(f"compile: {pipe_s / compiled['seconds']:.2f}x the merged pass, model_shape_fraction "
+              f"{flops / compiled['seconds'] / shape_rate:.2f}; repaid after "
+              f"{compiled['compile_s'] / saved_per_row:.0f} rows like these" if saved_per_row > 0 else
+              "compile: no faster than the merged pass")
     print(f"speedup={seed_s / pipe_s:.2f} memory_ratio={memory['seed'] / max(memory['pipeline'], 1):.2f} "
           f"peak_fraction={flops / pipe_s / peak:.2f} model_shape_fraction={flops / pipe_s / shape_rate:.2f} "
           f"merge_speedup={seconds['before'] / pipe_s:.2f}")
