@@ -18,10 +18,8 @@ import torch
 def _mergeable_layers(model) -> list:
     """LoRA layers on plain floating-point linears with an active adapter. Quantised bases (bitsandbytes) are left
     alone: merging would re-quantise them, which neither keeps the features nor can be undone exactly."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # no peft: nothing can be merged
-        return []
+    from peft.tuners.lora import LoraLayer
+
     layers = []
     for module in model.modules():
         if not isinstance(module, LoraLayer):

@@ -320,12 +320,12 @@ def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkp
         raise UserError(f"finetune.lora._target_ must build a peft.LoraConfig, got {type(config).__name__}")
     model = get_peft_model(model, config)
     trainable_in_fp32(model)
-    skip_lora_input_casts(model)
+    set_lora_input_casts(model, False)
     return model
 
 
-def skip_lora_input_casts(model) -> None:
-    """PEFT casts each LoRA input to the adapter's dtype (bf16 activations to the fp32 LoRA weights), and autocast,
+def set_lora_input_casts(model, enabled: bool) -> None:
+    """Turn PEFT's LoRA input casts on or off (add_lora and attach_adapter turn them off). PEFT casts each LoRA input to the adapter's dtype (bf16 activations to the fp32 LoRA weights), and autocast,
     which every pass of ours runs under, casts it straight back: two copies of every linear's input that change no
     number (bf16 -> fp32 -> bf16 is exact; with lora_dropout > 0 the masks are drawn on the bf16 input instead).
     They were a fifth of a CPU scoring pass; without autocast (an fp32 model) the dtypes already agree."""
@@ -333,7 +333,7 @@ def skip_lora_input_casts(model) -> None:
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = enabled
 
 
 def trainable_in_fp32(model) -> None:
@@ -400,7 +400,7 @@ def attach_adapter(model, adapter_dir: Path, name: str):
             model.delete_adapter(previous)
     else:
         model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name)
-    skip_lora_input_casts(model)
+    set_lora_input_casts(model, False)
     model.eval()
     return model
 

@@ -97,9 +97,7 @@ def run_recipe(args, recipe: str, model, cfg, on, tokenizer, frame, encoded, dty
         seed_recipe(model, tokenizer, frame, encoded, cfg.model.max_length, args.batch_rows, on)
     else:
         merge, skip_casts = PASSES[recipe]
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = not skip_casts
+        modeling.set_lora_input_casts(model, not skip_casts)
         with merged_lora(model, enabled=merge):
             forward_pass(model, encoded, tokenizer.pad_token_id, batch_tokens, on, dtype,
                          layers=list(cfg.embed.layers), max_rows=max_rows)

@@ -63,9 +63,7 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
     model = bench.classifier(cfg, source, tokenizer, dtype, on)
     n_params = bench.non_embedding_params(model)
     model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
-    for module in model.modules():  # add_lora skips PEFT's input casts; `input_casts` restores them, as before
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = input_casts
+    modeling.set_lora_input_casts(model, input_casts)  # add_lora turns them off; `input_casts`: as before
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=fixed_length or 1)
     bench.synchronize(on)
     start = time.perf_counter()  # the prefix cache's one-time pass counts
@@ -84,8 +82,8 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
         seconds = time.perf_counter() - start
     real = trainer.real_tokens
     return {"seconds": seconds, "tokens_per_s": real / seconds, "waste": 1 - real / trainer.padded_tokens,
-            "flops_per_s": 4 * n_params * real / seconds, "n_params": n_params, "rows_per_s": len(rows) *
-            float(cfg.finetune.epochs) / seconds, "loss": result.training_loss}
+            "flops_per_s": 4 * n_params * real / seconds, "n_params": n_params, "config": model.config,
+            "rows_per_s": len(rows) * float(cfg.finetune.epochs) / seconds, "loss": result.training_loss}
 
 
 def top_layer_runs(cfg, source, tokenizer, rows, dtype, on, top: int, epochs: int) -> list[tuple[str, dict]]:
@@ -153,10 +151,9 @@ def main() -> None:
     before = train_once(profiled, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None,
                         tight_length_batches=False, input_casts=True)
     casts = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None, input_casts=True)
-    config = bench.classifier(cfg, source, tokenizer, dtype, on).config
     batch_tokens = args.batch_rows * cfg.model.max_length
     peak = bench.gemm_peak(dtype, on)
-    shape_rate = bench.model_shape_rate(config, batch_tokens, dtype, on)
+    shape_rate = bench.model_shape_rate(casts["config"], batch_tokens, dtype, on)
     pipeline = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None)
     bench.print_table([
         ("naive (fp32, file order, pad to max_length)", f"{naive['seconds']:.1f}", f"{naive['tokens_per_s']:.0f}",

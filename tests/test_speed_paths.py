@@ -88,10 +88,9 @@ def test_lora_without_input_casts_gives_the_same_logits_and_gradients(tiny_cfg):
         for name, param in model.named_parameters():
             if "lora_B" in name:  # B = 0 at init would hide the LoRA path
                 torch.nn.init.normal_(param, std=0.02)
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                assert module.cast_input_dtype_enabled is False  # add_lora turned the casts off
-                module.cast_input_dtype_enabled = not skip
+        flags = [m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert flags and not any(flags)  # add_lora turned the casts off
+        modeling.set_lora_input_casts(model, not skip)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         logits.float().sum().backward()
