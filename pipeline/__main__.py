@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import artifacts, configs, context, locks, tracking, validation
+from pipeline import configs, context, dist, locks, tracking, validation
 from pipeline.errors import UserError
 
 STAGES = ("check", "finetune", "embed", "stack", "predict", "all", "export", "fit")
@@ -43,7 +43,7 @@ def run_stage(cfg: DictConfig) -> dict:
     folder = locked_folder(cfg)
     with locks.experiment(folder, cfg.stage) if folder is not None else contextlib.nullcontext():
         metrics = module.run(cfg)
-    if artifacts.is_main_process():
+    if dist.is_main_process():
         tracking.log_stage_metrics(cfg, cfg.stage, metrics)
     return metrics
 

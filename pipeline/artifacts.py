@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +23,7 @@ from typing import Any, Iterator
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import locks
+from pipeline import dist, locks
 from pipeline.errors import UserError
 from pipeline.layout import DONE, STATE_FILE, Layout
 
@@ -32,27 +31,10 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "lightgbm", "
                     "scikit-learn", "bitsandbytes", "deepspeed")
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Only rank 0 writes artifacts under torchrun / accelerate."""
-    return rank() == 0
-
-
 def exp_dir(cfg: DictConfig, writable: bool = True) -> Path:
     """The experiment folder: created (when this run writes it) and cleaned of dead writers' temp files."""
     path = Path(cfg.paths.exp_dir)
-    if is_main_process() and writable:
+    if dist.is_main_process() and writable:
         path.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(path)
     return path
@@ -315,7 +297,7 @@ def package_versions() -> dict[str, str]:
 
 def write_manifest(folder: Path, cfg: DictConfig, stage: str) -> None:
     """Record how a stage was run (resolved config, seed, versions, commit, command line) in folder/manifests/."""
-    if not is_main_process():
+    if not dist.is_main_process():
         return
     write_json(Layout(folder).manifest(stage), {
         "stage": stage,
@@ -327,43 +309,3 @@ def write_manifest(folder: Path, cfg: DictConfig, stage: str) -> None:
     })
 
 
-def write_feature_table(path: str | Path, columns: dict[str, Any], matrices: dict[str, Any], dtype: str) -> None:
-    """Parquet with scalar columns plus fixed-width vector columns (one list per row) stored as `dtype`."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    arrays = {name: pa.array(np.asarray(values)) for name, values in columns.items()}
-    for name, matrix in matrices.items():
-        matrix = np.ascontiguousarray(matrix, dtype=dtype)
-        arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.table(arrays), tmp)
-
-
-@dataclass
-class FeatureTable:
-    scalars: pd.DataFrame            # id, fold, ... (one value per row)
-    matrices: dict[str, Any]         # name -> (rows, width) float32
-
-
-def read_feature_table(path: str | Path) -> FeatureTable:
-    """Inverse of `write_feature_table`."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises many types for a damaged file
-        raise UserError(f"{path} is damaged ({type(exc).__name__}); delete it and re-run the stage that made it "
-                        "(stage=embed for features)") from None
-    scalars, matrices = {}, {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(column.type):
-            width = column.type.list_size
-            matrices[name] = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
-        else:
-            scalars[name] = column.to_numpy(zero_copy_only=False)
-    return FeatureTable(pd.DataFrame(scalars), matrices)

@@ -6,14 +6,18 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from pipeline import artifacts, folds, inputs
+from pipeline import artifacts, dist, folds, inputs
 from pipeline.data import PairData, load_pairs
 from pipeline.errors import UserError
 from pipeline.layout import Layout
+
+if TYPE_CHECKING:
+    import torch  # only the device and dtype properties need it, and they import the LLM half when asked
 
 
 @dataclass
@@ -42,11 +46,11 @@ class RunContext:
 
     @property
     def rank(self) -> int:
-        return artifacts.rank()
+        return dist.rank()
 
     @property
     def world_size(self) -> int:
-        return artifacts.world_size()
+        return dist.world_size()
 
     @property
     def is_main(self) -> bool:
@@ -54,13 +58,13 @@ class RunContext:
 
     @cached_property
     def device(self) -> torch.device:
-        from pipeline import modeling
+        from pipeline.llm import modeling
 
         return modeling.device()
 
     @cached_property
     def dtype(self) -> torch.dtype:
-        from pipeline import modeling
+        from pipeline.llm import modeling
 
         return modeling.compute_dtype(self.cfg.model.precision, self.device)
 

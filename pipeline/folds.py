@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline import artifacts, locks
+from pipeline import artifacts, dist, locks
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 
@@ -109,6 +109,31 @@ def _load_or_create(exp: Path, frame: pd.DataFrame, n_folds: int, seed: int, gro
         return folds.set_index("id").loc[frame["id"]].reset_index()
     fold = assign_folds(frame["label"].to_numpy(), group_keys(frame, group_by), n_folds, seed)
     folds = pd.DataFrame({"id": frame["id"].astype(str).to_numpy(), "fold": fold})
-    if artifacts.is_main_process():
+    if dist.is_main_process():
         write_folds(path, folds, settings)
     return folds
+
+
+def inner_splits(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Group-aware inner folds of a training set (as many as it has groups, at most n_splits)."""
+    n_splits = min(n_splits, len(np.unique(groups)))
+    if n_splits < 2:
+        raise UserError("a training set holds a single group, so nothing can be chosen on an inner split; "
+                        "use more folds or another cv.group_by")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+def check_inner_splits(labels: np.ndarray, groups: np.ndarray, fold_of: np.ndarray, inner_folds: int,
+                       seed: int) -> None:
+    """Refuse, before any fine-tune, folds whose training sets stage two cannot split into inner folds (e.g.
+    cv.group_by=source with one source holding most rows)."""
+    for k in np.unique(fold_of):
+        train = fold_of != k
+        try:
+            inner_splits(labels[train], groups[train], inner_folds, seed)
+        except (UserError, ValueError) as exc:
+            raise UserError(f"stage two cannot choose anything for fold {int(k)}: its training set "
+                            f"({int(train.sum())} rows, {len(np.unique(groups[train]))} groups) cannot be split "
+                            f"into stack.inner_folds={inner_folds} inner folds ({exc}); lower stack.inner_folds, raise "
+                            "cv.n_folds or use another cv.group_by") from None

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
+from pipeline import dist
 from pipeline.errors import UserError
 
 EXPERIMENT_LOCK = ".lock"
@@ -52,7 +53,7 @@ def hold(lock_path: Path, what: str, busy: str, wait_s: float = 0.0) -> Iterator
     `busy` plus the holder. Re-entrant within a process."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     key = str(lock_path.resolve())
-    if key in _held or not os.access(lock_path.parent, os.W_OK) or int(os.environ.get("RANK", "0")) != 0:
+    if key in _held or not os.access(lock_path.parent, os.W_OK) or not dist.is_main_process():
         # Already ours (stage=all runs the other stages), a read-only folder nobody can be writing, or a torchrun
         # rank other than 0 (it writes nothing shared; rank 0 holds the lock for the job).
         yield

@@ -29,9 +29,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, extraction, layout, modeling, setups, stacking
+from pipeline import artifacts, embed_passes, feature_table, layout, setups
+
+from pipeline.stage_two import cv, design, store
+
+from pipeline.stage_two.spec import StackSpec
+from pipeline.llm import modeling
 from pipeline.data import LABEL_COLUMNS, PairData, parse_frame
 from pipeline.errors import UserError
+from pipeline.feature_table import PassFeatures
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = 1
@@ -44,12 +50,23 @@ EXPORT_ENTRIES = ("model", "adapters", "stack", EXPORT_FILE, "README.md")
 @dataclass
 class PairFeatures:
     """What the fine-tuned model says about each pair: the head's probabilities (both orientations averaged) and
-    the pooled vectors, keyed `{layer}_{span}_{orientation}` (pipeline.features.VectorKey)."""
+    the pooled vectors, keyed `{layer}_{span}_{orientation}` (pipeline.feature_table.VectorKey)."""
 
     ids: np.ndarray
-    head: np.ndarray
-    vectors: dict[str, np.ndarray]
-    matrices: dict[str, np.ndarray]   # everything stage two reads (head, head_swapped, vectors)
+    passes: PassFeatures              # everything stage two reads, as the feature files hold it
+
+    @property
+    def head(self) -> np.ndarray:
+        return self.passes.head_probabilities()
+
+    @property
+    def vectors(self) -> dict[str, np.ndarray]:
+        return {**self.passes.vectors, **self.passes.likelihoods}
+
+    @property
+    def matrices(self) -> dict[str, np.ndarray]:
+        """The feature-file columns (head, head_swapped, vectors)."""
+        return self.passes.columns()
 
 
 def as_pair_data(pairs: pd.DataFrame | Sequence[dict]) -> PairData:
@@ -59,16 +76,17 @@ def as_pair_data(pairs: pd.DataFrame | Sequence[dict]) -> PairData:
     return parse_frame(frame.reset_index(drop=True), source="pairs", with_labels=False)
 
 
-def stored(matrix: np.ndarray, dtype: str) -> np.ndarray:
-    """A matrix as a feature file gives it back: written at `dtype`, read as float32."""
-    return np.ascontiguousarray(matrix, dtype=dtype).astype(np.float32)
+def stored_features(features: PassFeatures, dtype: str) -> PassFeatures:
+    """Features as a feature file gives them back: written at `dtype`, read as float32."""
+    return PassFeatures.from_columns({name: np.ascontiguousarray(m, dtype=dtype).astype(np.float32)
+                                      for name, m in features.columns().items()})
 
 
 class Predictor:
     """A finished experiment (or its export), ready to score new pairs. Build it with `Predictor.load(path)`."""
 
-    def __init__(self, cfg: DictConfig, source: Path | str, adapters: list[Path], spec: stacking.StackSpec,
-                 vectors: dict, fold_models: list[stacking.FoldModel], info: dict, device: str | None = None):
+    def __init__(self, cfg: DictConfig, source: Path | str, adapters: list[Path], spec: StackSpec,
+                 vectors: dict, fold_models: list[store.FoldModel], info: dict, device: str | None = None):
         self.cfg = cfg
         self.source = source
         self.adapters = adapters          # fold adapters (or the averaged one); [] for a merged export
@@ -84,6 +102,8 @@ class Predictor:
             raise UserError(f"device={device!r}: this machine has no CUDA GPU; use device='cpu' (or leave it unset)")
         self.dtype = modeling.compute_dtype(cfg.model.precision, self.device)
         self._tokenizer = None
+        self._model = None           # the base model, loaded at the first call and kept (adapters swap on it)
+        self._active_adapter: Path | None = None
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -105,15 +125,15 @@ class Predictor:
 
         exp = Path(exp)
         cfg = cfg if cfg is not None else recorded_experiment_config(exp)
-        spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+        spec = StackSpec.from_config(cfg.stack, cfg.seed)
         with tempfile.TemporaryDirectory(prefix="predictor_") as scratch:  # the run context's manifest goes here
             ctx = context.open_run(cfg, "predictor", out_root=Path(scratch))
-            ft_states = extraction.finetune_fold_states(ctx)
-            result = stacking.score(ctx, spec, baselines=False)
+            ft_states = feature_table.finetune_fold_states(ctx)
+            result = cv.score(ctx, spec, baselines=False)
         lay = layout.Layout(exp)
         averaged = cfg.embed.test_adapters == "averaged"
         adapters = [lay.averaged_adapter] if averaged else [lay.adapter(k) for k in range(int(cfg.cv.n_folds))]
-        if averaged and not extraction.is_current(lay.averaged_adapter.parent, {"finetune": ft_states[0]["config_hash"],
+        if averaged and not feature_table.is_current(lay.averaged_adapter.parent, {"finetune": ft_states[0]["config_hash"],
                                                                               "data": ft_states[0]["data"]}):
             raise UserError(f"{lay.averaged_adapter} is missing or stale; run stage=predict "
                             "embed.test_adapters=averaged once (it builds the averaged adapter)")
@@ -144,15 +164,15 @@ class Predictor:
         if (mode == "adapters") != bool(adapters) or mode not in EXPORT_MODES:
             raise UserError(f"{folder / EXPORT_FILE} is damaged: a {mode!r} export with adapters {record['adapters']} "
                             "(an adapters export lists its fold adapters, a merged one none); run stage=export again")
-        stacking.check_recorded_targets(record["stack"], OmegaConf.create({}), folder / EXPORT_FILE)
-        spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+        store.check_recorded_targets(record["stack"], OmegaConf.create({}), folder / EXPORT_FILE)
+        spec = StackSpec.from_config(cfg.stack, cfg.seed)
         for path in [folder / "model", *adapters]:
             if not path.is_dir():
                 raise UserError(f"{path} not found; the export is incomplete: run stage=export again")
         if files is not None:  # exports made before fingerprints were recorded are read as they are
             check_export_files(folder, files)
         try:
-            fold_models = [stacking.load_fold_model(fold, folder / "stack" / f"fold_{k}", spec.members)
+            fold_models = [store.load_fold_model(fold, folder / "stack" / f"fold_{k}", spec.members)
                            for k, fold in enumerate(folds)]
         except UserError:
             raise
@@ -192,25 +212,26 @@ class Predictor:
 
     def _features(self, data: PairData) -> PairFeatures:
         tokenizer = self.tokenizer
-        rows = extraction.encode_rows(tokenizer, data.frame, self.cfg)
-        settings = extraction.PassSettings(tokenizer.pad_token_id, self.cfg.embed, self.device, self.dtype, self.source)
-        model = modeling.load_classifier(self.source, self.cfg.model, tokenizer, self.dtype, self.device)
+        rows = embed_passes.encode_rows(tokenizer, data.frame, self.cfg)
+        settings = embed_passes.PassSettings(tokenizer.pad_token_id, self.cfg.embed, self.device, self.dtype, self.source)
+        if self._model is None:
+            self._model = modeling.load_classifier(self.source, self.cfg.model, tokenizer, self.dtype, self.device)
         dtype = self.cfg.embed.storage_dtype
         passes = []
         for k, adapter in enumerate(self.adapters or [None]):
-            if adapter is not None:
-                model = modeling.attach_adapter(model, adapter, f"fold_{k}" if len(self.adapters) > 1 else "averaged")
-            feats = extraction.pass_features(model, rows, settings, desc=f"adapter {k + 1}/{len(self.adapters or [0])}")
-            passes.append({name: stored(m, dtype) for name, m in feats.items()})
-        matrices = {name: stored(np.mean([p[name] for p in passes], axis=0), dtype) for name in passes[0]}
-        vectors = {k: v for k, v in matrices.items() if not k.startswith("head")}
-        ids = data.frame["id"].to_numpy()
-        return PairFeatures(ids, extraction.head_probabilities(matrices), vectors, matrices)
+            if adapter is not None and adapter != self._active_adapter:
+                self._model = modeling.attach_adapter(self._model, adapter,
+                                                      f"fold_{k}" if len(self.adapters) > 1 else "averaged")
+                self._active_adapter = adapter
+            feats = embed_passes.pass_features(self._model, rows, settings,
+                                               desc=f"adapter {k + 1}/{len(self.adapters or [0])}")
+            passes.append(stored_features(feats, dtype))
+        return PairFeatures(data.frame["id"].to_numpy(), stored_features(PassFeatures.mean(passes), dtype))
 
     def _predict_proba(self, data: PairData) -> np.ndarray:
-        pair = stacking.stacker_inputs(data.frame, self._features(data).matrices)
+        pair = design.stacker_inputs(data.frame, self._features(data).passes)
         probs = np.mean([m.predict(pair, self.vectors, self.spec.symmetric) for m in self.fold_models], axis=0)
-        return stacking.submission_probabilities(probs)
+        return store.submission_probabilities(probs)
 
     # ------------------------------------------------------------------------------------------------- export
     def export(self, folder: Path, mode: str = "adapters", made_by: Sequence[str] = ()) -> dict:
@@ -243,7 +264,7 @@ class Predictor:
     def _write_export(self, staging: Path, mode: str, made_by: Sequence[str]) -> dict:
         """Everything an export holds, written into `staging`; returns its export.json record."""
         length = self.spec.baselines["length"].name
-        records = [stacking.save_fold_model(m, staging / "stack" / f"fold_{k}", length)
+        records = [store.save_fold_model(m, staging / "stack" / f"fold_{k}", length)
                    for k, m in enumerate(self.fold_models)]
         if mode == "adapters":
             copy_model_folder(Path(str(self.source)), staging / "model")
@@ -292,7 +313,7 @@ class Predictor:
             averaged = self.adapters[0]
             if len(self.adapters) > 1:
                 averaged = Path(scratch) / "adapter"
-                extraction.average_adapters(self.adapters, averaged)
+                embed_passes.average_adapters(self.adapters, averaged)
             model = modeling.load_with_adapter(self.source, model_cfg, self.tokenizer, averaged, torch.float32,
                                                torch.device("cpu")).merge_and_unload()
         return model.to(checkpoint_dtype(Path(str(self.source))))
@@ -301,7 +322,7 @@ class Predictor:
 def recorded_experiment_config(exp: Path) -> DictConfig:
     """The config the experiment's stacker was made with (stack/model.json, written with the stacker as one unit;
     manifests/stack.json for stackers made before it recorded one), pointed at where the folder is now, with the
-    recorded stack settings (stacking.with_recorded_stack; nothing beyond the allow-list trusted)."""
+    recorded stack settings (store.with_recorded_stack; nothing beyond the allow-list trusted)."""
     lay = layout.Layout(exp)
     model_file, manifest = lay.stack / layout.MODEL_FILE, lay.manifest("stack")
     if not artifacts.read_state(lay.stack) or not model_file.is_file():
@@ -320,7 +341,7 @@ def recorded_experiment_config(exp: Path) -> DictConfig:
     if not Path(train).is_file():
         raise UserError(f"{train} (the experiment's train file) not found: the stacker is refitted from it; copy it "
                         "back, or score with an export (stage=export), which needs no training data")
-    return stacking.with_recorded_stack(cfg, lay, trusted=OmegaConf.create({}))
+    return store.with_recorded_stack(cfg, lay, trusted=OmegaConf.create({}))
 
 
 def check_export_files(folder: Path, files: dict[str, str]) -> None:

@@ -16,8 +16,11 @@ EMBED_OPERATIONAL = ("batch_tokens", "padding_side")
 # Embed settings that change only the test features (never the OOF features or what the stacker learns from).
 EMBED_TEST_ONLY = ("test_adapters",)
 # Settings added after experiments were made, with the value that computes what those experiments computed: at that
-# value a setting is left out of the hashes, so finished work stays valid; any other value is hashed as usual.
-ADDED_LATER = {"finetune": {"train": True, "init_adapter": None},
+# value a setting is left out of the hashes, so finished work stays valid; any other value is hashed as usual. A value
+# that depends on the group's other settings is a function of them.
+HARD_LABEL_LOSS = "pipeline.llm.losses.HardLabelCrossEntropy"
+ADDED_LATER = {"finetune": {"train": True, "init_adapter": None,
+                            "loss": lambda ft: {"_target_": HARD_LABEL_LOSS, "label_smoothing": ft["label_smoothing"]}},
                "embed": {"max_length": None, "lm_features": False, "merge_lora": False},
                "stack": {"pooling": "log_linear", "blend_robust": 0.0, "calibrate": False, "fallback_margin": None}}
 # The same for each stack member's settings (stack.members.<name>.<key>).
@@ -31,7 +34,7 @@ def with_added_settings(cfg: DictConfig) -> DictConfig:
         if group in cfg:
             for key, value in neutral.items():
                 if key not in cfg[group]:
-                    cfg[group][key] = value
+                    cfg[group][key] = _neutral(value, OmegaConf.to_container(cfg[group], resolve=True))
     for member in (cfg.stack.get("members") or {}).values() if "stack" in cfg else ():
         with open_dict(member):
             for key, value in MEMBER_ADDED_LATER.items():
@@ -40,10 +43,15 @@ def with_added_settings(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _neutral(value, settings: dict):
+    return value(settings) if callable(value) else value
+
+
 def _learned(cfg: DictConfig, group: str, operational: tuple[str, ...]) -> dict:
     neutral = ADDED_LATER.get(group, {})
-    return {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
-            if k not in operational and not (k in neutral and v == neutral[k])}
+    settings = OmegaConf.to_container(cfg[group], resolve=True)
+    return {k: v for k, v in settings.items()
+            if k not in operational and not (k in neutral and v == _neutral(neutral[k], settings))}
 
 
 def finetune_settings(cfg: DictConfig) -> dict:
@@ -80,7 +88,7 @@ def finished_fold_setup(cfg: DictConfig, state: dict) -> dict:
 
 
 def _common_setup(cfg: DictConfig) -> dict:
-    from pipeline import modeling
+    from pipeline.llm import modeling
 
     return {"seed": int(cfg.seed), "n_folds": int(cfg.cv.n_folds),
             "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train),

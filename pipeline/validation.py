@@ -6,10 +6,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline import extraction, modeling, prefix_cache, stacking
+from pipeline import embed_passes
+from pipeline.feature_table import produced_inputs
+from pipeline.llm import modeling, prefix_cache, warm_start
 from pipeline.errors import UserError, require_int, require_number
 from pipeline.formatting import TRUNCATION_SIDES
 from pipeline.predictor import EXPORT_MODES
+from pipeline.stage_two.spec import StackSpec
 
 
 # The stages that load the model: only they need the hardware a setting asks for (stage=check plans for a GPU
@@ -45,12 +48,13 @@ def validate_finetune(ft: DictConfig, n_folds: int, stage: str) -> None:
     if ft.head_learning_rate is not None:
         require_number(ft.head_learning_rate, "finetune.head_learning_rate", 1e-12)
     require_number(ft.label_smoothing, "finetune.label_smoothing", 0.0, 1.0)
+    validate_loss(ft)
     if ft.max_steps in (None, -1) or ft.max_steps <= 0:
         require_number(ft.epochs, "finetune.epochs", 1e-9)
     if not isinstance(ft.train, bool):
         raise UserError(f"finetune.train={ft.train}: use true (fine-tune) or false (the frozen-feature path)")
     if ft.init_adapter and stage in TRAINS:
-        modeling.check_init_adapter(Path(str(ft.init_adapter)), ft.lora)
+        warm_start.check_init_adapter(Path(str(ft.init_adapter)), ft.lora)
     if stage == "fit" and not ft.train:
         raise UserError("stage=fit with finetune.train=false would record an untrained adapter as a finished fit; "
                         "drop finetune.train=false (the frozen-feature path is a stage=all / finetune setting)")
@@ -62,14 +66,27 @@ def validate_finetune(ft: DictConfig, n_folds: int, stage: str) -> None:
             raise UserError(f"finetune.folds={list(ft.folds)}: {bad} are not folds of cv.n_folds={n_folds}")
 
 
-def validate_stack_inputs(spec: stacking.StackSpec, embed_cfg: DictConfig) -> None:
-    """A stage-two member that reads features the embed settings do not make fails here, not after the fine-tune."""
-    used = {m.name: m for m in [*spec.members, *spec.baselines.values()]}
-    needs_lm = sorted(name for name, m in used.items() if "likelihood" in m.groups)
-    if needs_lm and not embed_cfg.lm_features:
-        raise UserError(f"stack members {needs_lm} read the `likelihood` group (the LM's span likelihoods), which "
-                        "embed.lm_features=false does not make; set embed.lm_features=true or drop them from "
-                        "stack.blend_members / stack.baselines")
+def validate_loss(ft: DictConfig) -> None:
+    """finetune.loss builds a training loss; TrainingArguments' own label smoothing would be ignored beside it."""
+    from hydra.errors import InstantiationException
+
+    from pipeline.llm.losses import TrainingLoss
+
+    if "label_smoothing_factor" in ft.training_args:
+        raise UserError("finetune.training_args.label_smoothing_factor: the loss comes from finetune.loss; set "
+                        "finetune.label_smoothing instead (same numbers)")
+    target = ft.loss.get("_target_") if isinstance(ft.loss, DictConfig) else None
+    if not target:
+        raise UserError(f"finetune.loss={ft.loss}: give a loss with its _target_, e.g. "
+                        "{_target_: pipeline.llm.losses.HardLabelCrossEntropy, label_smoothing: 0.1}")
+    try:
+        from pipeline.llm.training import training_loss
+
+        loss = training_loss(ft)
+    except InstantiationException as error:
+        raise UserError(f"finetune.loss: {target} could not be built: {str(error).splitlines()[-1]}") from None
+    if not isinstance(loss, TrainingLoss):
+        raise UserError(f"finetune.loss._target_={target} is not a training loss (pipeline.llm.losses.TrainingLoss)")
 
 
 def validate_lora_layers(ft: DictConfig, depth: int | None = None) -> None:
@@ -113,12 +130,12 @@ def validate(cfg: DictConfig) -> None:
     require_int(cfg.seed, "seed", 0)
     validate_model(cfg.model, cfg.stage in LOADS_MODEL)
     validate_finetune(cfg.finetune, n_folds, cfg.stage)
-    extraction.validate(cfg.embed)
+    embed_passes.validate(cfg.embed)
     if cfg.embed.test_adapters == "averaged" and cfg.finetune.lora.get("use_dora"):
         raise UserError("embed.test_adapters=averaged with finetune.lora.use_dora=true: DoRA adapters cannot be "
                         "averaged exactly; use embed.test_adapters=each")
-    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)  # every member's estimator built once
-    validate_stack_inputs(spec, cfg.embed)
+    spec = StackSpec.from_config(cfg.stack, cfg.seed)  # every member's estimator built once
+    spec.check_inputs(produced_inputs(cfg.embed), "these embed settings")
     validate_lora_layers(cfg.finetune)
     memory_gb = cfg.check.gpu_memory_gb
     if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0:

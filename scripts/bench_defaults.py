@@ -100,13 +100,14 @@ def samples_of(exp: Path, cfg, frame, labels, seeds: list[int]) -> list[Sample]:
 
 
 def score(cfg, overrides: list[str], matrices, frame, labels, sample: Sample) -> dict:
-    from pipeline import stacking
+    from pipeline.stage_two import cv, design
+    from pipeline.stage_two.spec import StackSpec
 
     stack = OmegaConf.merge(cfg.stack, OmegaConf.from_dotlist(overrides))
-    spec = stacking.StackSpec.from_config(stack, cfg.seed)
-    data = stacking.StackData(stacking.stacker_inputs(frame, matrices), labels, sample.fold_of, sample.groups,
-                              spec.vectors.settings(matrices), group_by=sample.group_by)
-    metrics = stacking.evaluate(data, spec).metrics()
+    spec = StackSpec.from_config(stack, cfg.seed)
+    data = cv.StackData(design.stacker_inputs(frame, matrices), labels, sample.fold_of, sample.groups,
+                              spec.vectors.settings(matrices.vectors), group_by=sample.group_by)
+    metrics = cv.evaluate(data, spec).metrics()
     prior = metrics["baseline_per_fold"]["prior"]
     return {"loss": metrics["oof_logloss"],
             "worst_vs_prior": max(s - p for s, p in zip(metrics["per_fold"], prior)),
@@ -123,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     import re
 
-    from pipeline import context, extraction, stacking
+    from pipeline import context, feature_table
     from pipeline.errors import UserError
 
     np.seterr(all="ignore")
@@ -135,7 +136,7 @@ def main() -> None:
         cfg = experiment_config(exp)
         with tempfile.TemporaryDirectory() as scratch:
             ctx = context.open_run(cfg, "bench_defaults", out_root=Path(scratch))
-            matrices = stacking.load_train_features(ctx, extraction.finetune_fold_states(ctx)[0])
+            matrices = feature_table.oof_features(ctx, feature_table.finetune_fold_states(ctx)[0])
         frame, labels = ctx.train.frame, ctx.labels
         for sample in samples_of(exp, cfg, frame, labels, args.seeds):
             samples.append(sample)

@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import benchmarking as bench  # noqa: E402
-from pipeline import modeling  # noqa: E402
-from pipeline.adapter_merge import merged_lora  # noqa: E402
+import benchmarking as bench  # noqa: E402  (scripts/benchmarking.py, beside this file)
+from pipeline.llm import modeling  # noqa: E402
+from pipeline.llm.adapters import merged_lora  # noqa: E402
 from pipeline.formatting import encode_frame, segment_text, tokenizer_fn  # noqa: E402
-from pipeline.inference import forward_pass, pad_batch  # noqa: E402
+from pipeline.llm.inference import forward_pass, pad_batch  # noqa: E402
 
 
 @torch.inference_mode()

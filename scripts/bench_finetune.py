@@ -31,11 +31,11 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import benchmarking as bench  # noqa: E402
-from pipeline import modeling  # noqa: E402
+import benchmarking as bench  # noqa: E402  (scripts/benchmarking.py, beside this file)
+from pipeline.llm import modeling  # noqa: E402
 from pipeline.formatting import encode_frame  # noqa: E402
-from pipeline.training import (PaddingCollator, pipeline_trainer, training_arguments, training_rows,  # noqa: E402
-                               with_cached_prefix)
+from pipeline.llm.training import (PaddingCollator, pipeline_trainer, training_arguments, training_rows,  # noqa: E402
+                                   with_cached_prefix)
 
 
 def profile_steps(cfg, source, tokenizer, rows, dtype, on, steps: int = 6) -> None:

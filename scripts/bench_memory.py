@@ -36,7 +36,8 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from pipeline import context, extraction, modeling
+    from pipeline import context, embed_passes
+    from pipeline.llm import modeling
     from pipeline.stages import check, finetune
 
     out = Path(tempfile.mkdtemp(prefix="bench_memory_"))
@@ -49,7 +50,7 @@ def main() -> None:
     ctx = context.open_run(cfg, "bench_memory")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    rows_all = extraction.encode_rows(tokenizer, ctx.train.frame, cfg)
+    rows_all = embed_passes.encode_rows(tokenizer, ctx.train.frame, cfg)
     # Rows padded to max_length (long demo rows repeated) so every batch is as long as the plan assumes.
     longest = max(rows_all.encoded, key=lambda e: len(e.input_ids))
     rows = [{"input_ids": (longest.input_ids * 8)[: args.max_length], "labels": int(label)}

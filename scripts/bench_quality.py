@@ -89,7 +89,11 @@ def ablation_table(overrides: list[str], chosen: str | None = None) -> str:
     `chosen`: a regular expression picking variants by name."""
     import re
 
-    from pipeline import context, stacking
+    from pipeline import context
+
+    from pipeline.stage_two import cv
+
+    from pipeline.stage_two.spec import StackSpec
     from pipeline.errors import UserError
 
     lines = ["| stacker variant | OOF log loss | accuracy | chosen per fold | seconds |", "|---|---|---|---|---|"]
@@ -99,8 +103,8 @@ def ablation_table(overrides: list[str], chosen: str | None = None) -> str:
         start = time.perf_counter()
         try:
             cfg = compose([*overrides, *extra])
-            spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
-            result = stacking.score(context.open_run(cfg, "bench_quality"), spec, baselines=False).metrics()
+            spec = StackSpec.from_config(cfg.stack, cfg.seed)
+            result = cv.score(context.open_run(cfg, "bench_quality"), spec, baselines=False).metrics()
         except UserError as exc:
             lines.append(f"| {name} | n/a ({exc}) | | | |")
             continue
@@ -114,17 +118,19 @@ def source_holdout_table(overrides: list[str]) -> str:
     made without it; inner splits grouped by source too, as with cv.group_by=source). The head and vectors are
     the prompt-grouped run's OOF features, so this measures how the stacker carries to a new source;
     --group-by source measures the fine-tune too."""
-    from pipeline import context, extraction, stacking
+    from pipeline import context, feature_table
+    from pipeline.stage_two import cv, design
+    from pipeline.stage_two.spec import StackSpec
 
     ctx = context.open_run(compose(overrides), "bench_quality")
     cfg, frame = ctx.cfg, ctx.train.frame
-    matrices = stacking.load_train_features(ctx, extraction.finetune_fold_states(ctx)[0])
+    matrices = feature_table.oof_features(ctx, feature_table.finetune_fold_states(ctx)[0])
     sources = sorted(frame["source"].unique())
     source_fold = frame["source"].map({s: k for k, s in enumerate(sources)}).to_numpy()
-    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
-    data = stacking.StackData(stacking.stacker_inputs(frame, matrices), frame["label"].to_numpy(), source_fold,
-                              source_fold, spec.vectors.settings(matrices), group_by="source")
-    result = stacking.evaluate(data, spec).metrics()
+    spec = StackSpec.from_config(cfg.stack, cfg.seed)
+    data = cv.StackData(design.stacker_inputs(frame, matrices), frame["label"].to_numpy(), source_fold,
+                              source_fold, spec.vectors.settings(matrices.vectors), group_by="source")
+    result = cv.evaluate(data, spec).metrics()
     names = ["stacker", *result["baselines"]]
     losses = {"stacker": result["per_fold"], **result["baseline_per_fold"]}
     lines = ["| held-out source | rows | " + " | ".join(names) + " | chosen |", "|---" * (len(names) + 3) + "|"]

@@ -17,14 +17,15 @@ def assert_steps_change_only_trainable_weights(cfg: DictConfig) -> None:
     """Two Trainer steps on a fold: every LoRA matrix B and the `modules_to_save` copy of the `score` head change;
     the base weights (quantised or not) and PEFT's frozen `score.original_module` stay bit for bit; the fold-end
     pass then gives probabilities."""
-    from pipeline import context, extraction, modeling
-    from pipeline import training
+    from pipeline import context, embed_passes
+    from pipeline.llm import modeling
+    from pipeline.llm import training
     from pipeline.stages import finetune
 
     ctx = context.open_run(cfg, "finetune")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
-    rows_all = extraction.encode_rows(tokenizer, ctx.train.frame, cfg)
+    rows_all = embed_passes.encode_rows(tokenizer, ctx.train.frame, cfg)
     rows = training.training_rows(rows_all.encoded, None, ctx.labels, np.arange(32), False)
     snapshots = {}
     original_trainer = training.pipeline_trainer
@@ -56,6 +57,6 @@ def assert_steps_change_only_trainable_weights(cfg: DictConfig) -> None:
     assert not unchanged, f"trainable weights that did not change: {unchanged}"
     changed = [n for n in frozen if not torch.equal(before[n], after[n])]
     assert not changed, f"frozen weights that changed: {changed}"
-    settings = extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype)
-    feats = extraction.pass_features(model, rows_all.take(np.arange(8)), settings)
-    np.testing.assert_allclose(extraction.head_probabilities(feats).sum(axis=1), 1, rtol=1e-3)
+    settings = embed_passes.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype)
+    feats = embed_passes.pass_features(model, rows_all.take(np.arange(8)), settings)
+    np.testing.assert_allclose(feats.head_probabilities().sum(axis=1), 1, rtol=1e-3)

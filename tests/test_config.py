@@ -105,7 +105,7 @@ def test_every_target_of_every_experiment_instantiates(experiment):
     the stage-two spec builds from it, as lightning-hydra-template's config tests do."""
     from hydra.utils import instantiate
 
-    from pipeline import stacking
+    from pipeline.stage_two.spec import StackSpec
 
     cfg = compose_resolved([] if experiment is None else [f"experiment={experiment}"])
     targets = 0
@@ -119,7 +119,7 @@ def test_every_target_of_every_experiment_instantiates(experiment):
                 visit(value)
     visit(cfg)
     assert targets >= 1 + len(cfg.stack.members) - 1  # the LoRA config and every member but the pass-through head
-    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+    spec = StackSpec.from_config(cfg.stack, cfg.seed)
     assert [m.name for m in spec.members] == list(cfg.stack.blend_members)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import compose_cfg
 from pipeline import __main__ as cli
-from pipeline import artifacts, folds, validation
+from pipeline import artifacts, feature_table, folds, validation
 from pipeline.data import parse_frame
 from pipeline.errors import UserError
 
@@ -120,7 +120,7 @@ def test_damaged_folds_and_feature_files_name_the_file(tmp_path):
         folds.load_or_create(tmp_path, frame, 2, 0)
     (tmp_path / "features.parquet").write_bytes(b"garbage")
     with pytest.raises(UserError, match="features.parquet is damaged"):
-        artifacts.read_feature_table(tmp_path / "features.parquet")
+        feature_table.read_feature_table(tmp_path / "features.parquet")
 
 
 def test_too_few_rows_of_a_class_for_the_folds_is_a_user_error():

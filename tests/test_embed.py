@@ -10,11 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import artifacts, extraction, inputs, layout, modeling
+from pipeline import artifacts, embed_passes, feature_table, inputs, layout
+from pipeline.llm import modeling
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame, segment_text
-from pipeline.inference import forward_pass, span_weights
+from pipeline.llm.inference import forward_pass, span_weights
 from pipeline.stages import stack
 
 
@@ -83,7 +84,7 @@ def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):
 
 def test_features_and_manifest(tiny_experiment):
     cfg, exp, metrics = tiny_experiment
-    table = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    table = feature_table.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
     scalars, matrices = table.scalars, table.matrices
     assert scalars["id"].is_unique and len(scalars) == metrics["check"]["train"]["n_rows"]
     expected = {f"h{round(f * 100):03d}_{span}_{o}" for f in cfg.embed.layers
@@ -115,8 +116,8 @@ def test_fold_end_features_equal_a_separate_embed_pass(tiny_experiment, tmp_path
     from pipeline.stages import embed
 
     assert embed.run(again)["refreshed_folds"] == list(range(cfg.cv.n_folds))
-    original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
-    separate = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
+    original = feature_table.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
+    separate = feature_table.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     assert set(original) == set(separate)
     for name in original:
         np.testing.assert_allclose(separate[name], original[name], atol=2e-3, rtol=1e-2)
@@ -125,13 +126,13 @@ def test_fold_end_features_equal_a_separate_embed_pass(tiny_experiment, tmp_path
 def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
     cfg, exp, _ = tiny_experiment
     manifest = artifacts.read_json(exp / "embed" / layout.MANIFEST)
-    scalars = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).scalars
+    scalars = feature_table.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).scalars
     folds = pd.read_parquet(exp / "folds.parquet")
     assigned = dict(zip(folds["id"].astype(str), folds["fold"]))
-    assert extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, manifest) == []
+    assert feature_table.leaking_rows(scalars["id"], scalars["fold"], assigned, manifest) == []
     doctored = copy.deepcopy(manifest)
     doctored["train"]["fold_1"]["adapter_train_folds"].append(1)
-    leaks = extraction.leaking_rows(scalars["id"], scalars["fold"], assigned, doctored)
+    leaks = feature_table.leaking_rows(scalars["id"], scalars["fold"], assigned, doctored)
     assert set(leaks) == set(folds.loc[folds["fold"] == 1, "id"].astype(str))
     # The stack stage refuses such features (on a copy: the shared experiment stays as every test expects it).
     import shutil
@@ -147,8 +148,12 @@ def test_leak_check_fires_on_doctored_manifest(tiny_experiment, tmp_path):
 
 
 def test_load_oof_features_for_your_own_model(tiny_experiment):
-    """One call gives ids, folds, labels, head and vectors as arrays aligned with folds.parquet."""
+    """One call gives ids, folds, labels, head and vectors as arrays aligned with folds.parquet; README's import path
+    (pipeline.extraction) and the feature table's are one function."""
+    from pipeline import feature_table
     from pipeline.extraction import load_oof_features
+
+    assert load_oof_features is feature_table.load_oof_features
 
     cfg, exp, _ = tiny_experiment
     oof = load_oof_features(exp)
@@ -196,7 +201,7 @@ def test_lm_likelihoods_match_the_causal_lm_by_hand(fold_model, tiny_experiment)
     """The likelihood features from the classifier's own pass equal what the LM head gives on output_hidden_states:
     each span token's log-probability predicted from the position before it, and those predictions' entropy,
     averaged over the span; padding and batch composition do not change them."""
-    from pipeline.inference import LMHead
+    from pipeline.llm.inference import LMHead
 
     model, tokenizer, encoded, _ = fold_model
     cfg = tiny_experiment[0]
@@ -222,7 +227,7 @@ def test_lm_likelihoods_match_the_causal_lm_by_hand(fold_model, tiny_experiment)
 
 def test_head_tail_truncation_keeps_both_ends_and_a_long_scoring_pass_keeps_whole_responses(tiny_cfg):
     """head_tail keeps a truncated response's first and last tokens (the span holds exactly those); the scoring
-    passes at embed.max_length (extraction.encode_rows) see responses the training length cuts, with exact spans."""
+    passes at embed.max_length (embed_passes.encode_rows) see responses the training length cuts, with exact spans."""
     cfg = tiny_cfg("model.max_length=150", "model.truncation_side=head_tail", "embed.max_length=2000",
                    "embed.swap_tta=true")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
@@ -237,7 +242,7 @@ def test_head_tail_truncation_keeps_both_ends_and_a_long_scoring_pass_keeps_whol
             assert kept == full[:head] + full[len(full) - (len(kept) - head):]
             cut += len(kept) < len(full)
     assert cut > 0
-    rows = extraction.encode_rows(tokenizer, frame, cfg)
+    rows = embed_passes.encode_rows(tokenizer, frame, cfg)
     for enc, swapped, a, b in zip(rows.encoded, rows.swapped, frame["response_a"], frame["response_b"]):
         assert tokenizer.decode(enc.input_ids[slice(*enc.span_a)]) == segment_text(a)
         assert tokenizer.decode(enc.input_ids[slice(*enc.span_b)]) == segment_text(b)
@@ -270,7 +275,7 @@ def test_long_scoring_pass_with_lm_features_reuses_the_adapters_and_feeds_the_li
     long_ = {"embed__max_length": 512, "embed__lm_features": True, "embed__base_vectors": True}
     long = at(**long_)
     assert embed.run(long)["refreshed_folds"] == list(range(cfg.cv.n_folds))
-    columns = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
+    columns = feature_table.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     assert {f"{p}lm_{s}_{o}" for p in ("", "base_") for s in ("prompt", "a", "b") for o in ("fwd", "swp")} <= set(columns)
     assert columns["lm_a_fwd"].shape[1] == 2 and np.isfinite(columns["lm_a_fwd"]).all()
     stacked = stack.run(at(**long_, stack__blend_members=["head", "text", "likelihood"]))

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY_OVERRIDES, compose_cfg
-from pipeline import artifacts, extraction, inputs, layout
+from pipeline import embed_passes, feature_table, inputs, layout
 from pipeline.data import LABEL_COLUMNS, load_pairs
 
 FAMILIES = ("llama", "llama3", "gemma2", "qwen2")
@@ -44,7 +44,7 @@ def test_every_family_runs_end_to_end(family_experiment):
     submission = pd.read_csv(exp / "submission.csv", dtype={"id": str})
     assert list(submission["id"]) == list(test_ids)
     np.testing.assert_allclose(submission[list(LABEL_COLUMNS)].sum(axis=1), 1, atol=1e-6)
-    table = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
+    table = feature_table.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES)
     hidden = int(cfg.model.tiny.hidden_size)
     expected = {f"{layer}_{span}_{o}" for layer in ("h050", "h075", "h100") for span in ("prompt", "a", "b", "verdict")
                 for o in ("fwd", "swp")}
@@ -74,14 +74,14 @@ def test_every_family_predicts_with_the_averaged_adapter(family_experiment, tmp_
 def test_averaged_adapter_equals_the_mean_of_the_merged_fold_models(family_experiment, tmp_path):
     """The averaged adapter (rank K*r, folds' A stacked, B side by side and scaled) gives the logits of a model
     whose weights are the mean of the K merged fold models; the head is the folds' mean head."""
-    from pipeline import modeling
+    from pipeline.llm import modeling
     from pipeline.formatting import encode_frame
-    from pipeline.inference import forward_pass
+    from pipeline.llm.inference import forward_pass
 
     _, cfg, exp, _ = family_experiment
     lay = layout.Layout(exp)
     target = tmp_path / "averaged" / "adapter"
-    extraction.average_adapters([lay.adapter(k) for k in range(cfg.cv.n_folds)], target)
+    embed_passes.average_adapters([lay.adapter(k) for k in range(cfg.cv.n_folds)], target)
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     cpu, fp32 = torch.device("cpu"), torch.float32
@@ -121,7 +121,7 @@ def test_gpu_preset_arch_builds_what_the_pipeline_finds(preset):
     from peft import TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from pipeline.inference import backbone, capture_module
+    from pipeline.llm.inference import backbone, capture_module
 
     cfg = compose_cfg([f"model={preset}"])
     arch = OmegaConf.to_container(cfg.model.arch)
@@ -147,7 +147,7 @@ def test_gpu_preset_arch_builds_what_the_pipeline_finds(preset):
 def test_an_attention_the_family_cannot_use_is_one_error(tiny_cfg):
     """Gemma-2 has no SDPA path in transformers: asking for it is an `error:` naming the setting, not a traceback
     from inside the loader (the tiny preset's null picks each family's own default)."""
-    from pipeline import modeling
+    from pipeline.llm import modeling
     from pipeline.errors import UserError
 
     cfg = tiny_cfg("model.tiny.family=gemma2", "model.attn_implementation=sdpa")

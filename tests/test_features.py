@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.features import (SPANS, PairInputs, TEXT_STATS, VectorKey, feature_frame, likelihood_frame, rule_matrix,
-                               similarity_frame, text_inputs, text_stats, vector_blocks)
+from pipeline.feature_table import SPANS, VectorKey
+from pipeline.stage_two.features import (TEXT_STATS, PairInputs, feature_frame, likelihood_frame, rule_matrix,
+                                         similarity_frame, text_inputs, text_stats, vector_blocks)
 
 
 def test_text_stats_counts_markdown():
@@ -63,7 +64,7 @@ def test_features_mirror_under_swap():
 
 
 def test_head_log_features_mirror_under_swap():
-    from pipeline.stacking import group_frame
+    from pipeline.stage_two.groups import group_frame
 
     pair = random_inputs()
     assert_mirrors(group_frame(pair, "head", {}, {}), group_frame(pair.swapped(), "head", {}, {}))
@@ -192,7 +193,7 @@ def test_likelihood_features_read_response_a_for_a():
 
 def test_likelihood_columns_are_not_a_vector_layer():
     """`lm_*` columns parse as vector keys (so they mirror) but never feed the vectors / summary groups."""
-    from pipeline.stacking import available_layers
+    from pipeline.stage_two.spec import available_layers
 
     assert available_layers({**raw_vectors(), **lm_columns()}) == ["h050"]
     assert available_layers({**raw_vectors(), **lm_columns()}, base=True) == ["h050"]

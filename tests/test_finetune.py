@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import artifacts, context, inputs, modeling, training
+from pipeline import artifacts, context, inputs
+from pipeline.llm import modeling, training
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import EncodedPair, encode_frame
@@ -235,3 +236,50 @@ def test_trainer_uses_the_length_batches(tiny_cfg):
     args = training.training_arguments(cfg, ctx.layout.checkpoints(0), 0, torch.float32, torch.device("cpu"))
     trainer = training.pipeline_trainer(None)(model=model, args=args, train_dataset=rows)
     assert not isinstance(trainer._get_train_sampler(), training.LengthBatchSampler)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_hard_label_loss_trains_as_transformers_own_loss_to_the_bit(tiny_cfg, tmp_path, label_smoothing):
+    """finetune.loss (HardLabelCrossEntropy) against the path it replaced, the Trainer with the classifier's own
+    loss or its LabelSmoother (TrainingArguments.label_smoothing_factor): three bf16 steps with gradient
+    accumulation and an uneven last batch give the same logged losses and the same weights, bit for bit."""
+    from transformers import Trainer, set_seed
+
+    from pipeline.llm.losses import HardLabelCrossEntropy
+
+    cfg = tiny_cfg("finetune.max_steps=3", "finetune.gradient_accumulation_steps=2", "finetune.learning_rate=1e-2",
+                   "finetune.per_device_batch_size=5", "finetune.group_by_length=false", "finetune.logging_steps=1")
+    source, tokenizer, frame = tiny_setup(cfg)
+    encoded = encode_frame(tokenizer, frame, cfg.model)
+    rows = training.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(27), False)
+    on, dtype = torch.device("cpu"), torch.bfloat16
+    collator = training.PaddingCollator(tokenizer.pad_token_id)
+    trained = {}
+    for path in ("transformers", "finetune.loss"):
+        set_seed(0)
+        model = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, dtype, on), cfg.model,
+                                  cfg.finetune.lora, False)
+        args = training.training_arguments(cfg, tmp_path / path, 0, dtype, on)
+        if path == "transformers":
+            args.label_smoothing_factor = label_smoothing
+            trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        else:
+            trainer = training.pipeline_trainer(None, loss=HardLabelCrossEntropy(label_smoothing))(
+                model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        trained[path] = losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    (reference_losses, reference), (losses, weights) = trained["transformers"], trained["finetune.loss"]
+    assert len(losses) == 3 and losses == reference_losses
+    assert reference.keys() == weights.keys()
+    assert all(torch.equal(reference[n], weights[n]) for n in reference)
+
+
+def test_a_loss_that_is_not_one_is_refused(tiny_cfg):
+    from pipeline import validation
+
+    with pytest.raises(UserError, match="finetune.training_args.label_smoothing_factor"):
+        validation.validate(tiny_cfg("+finetune.training_args.label_smoothing_factor=0.1"))
+    with pytest.raises(UserError, match="finetune.loss._target_=collections.OrderedDict is not a training loss"):
+        validation.validate(tiny_cfg("finetune.loss._target_=collections.OrderedDict",
+                                     "~finetune.loss.label_smoothing"))

@@ -104,7 +104,7 @@ def test_bos_comes_from_what_the_tokenizer_adds(family, adds_bos, tmp_path):
     from transformers import AutoTokenizer
 
     from pipeline.formatting import leading_special_ids
-    from pipeline.tiny import build_tiny
+    from pipeline.llm.tiny import build_tiny
 
     build_tiny(tmp_path, OmegaConf.create({"family": family, "hidden_size": 16, "num_hidden_layers": 1,
                                            "num_attention_heads": 2, "num_key_value_heads": 1,

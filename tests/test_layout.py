@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import artifacts, context, extraction, layout
+from pipeline import artifacts, context, dist, feature_table, layout
 from pipeline.layout import EmbedFoldRecord, FinetuneFoldRecord, Layout
 
 
@@ -32,13 +32,13 @@ def test_fold_records_and_done_markers(tmp_path):
     setup = {"seed": 1, "config_hash": "abc"}
     folder = tmp_path / "fold_0"
     artifacts.mark_started(folder, setup)
-    assert not extraction.is_current(folder, setup)
+    assert not feature_table.is_current(folder, setup)
     record = EmbedFoldRecord(0, "a/adapter", [1, 2], 30, 1.5, [{"rank": 0, "rows": 30, "tokens": 900}])
     artifacts.mark_done(folder, record.as_state(setup))
     state = artifacts.read_state(folder)
     assert state[layout.DONE] and state["scored_fold"] == 0 and state["adapter_train_folds"] == [1, 2]
     assert state["ranks"][0]["rows"] == 30
-    assert extraction.is_current(folder, setup) and not extraction.is_current(folder, {**setup, "seed": 2})
+    assert feature_table.is_current(folder, setup) and not feature_table.is_current(folder, {**setup, "seed": 2})
     ft = FinetuneFoldRecord(2, [0, 1], {"logloss": 1.0}, {"finetune": {"epochs": 1}}).as_state(setup)
     assert ft == {"seed": 1, "config_hash": "abc", "fold": 2, "train_folds": [0, 1], "stats": {"logloss": 1.0},
                   "settings": {"finetune": {"epochs": 1}}}
@@ -48,16 +48,16 @@ def test_fold_records_and_done_markers(tmp_path):
 def test_shards_cover_every_row_once_and_balance_tokens(world):
     rng = np.random.default_rng(world)
     lengths = rng.integers(20, 600, 101).tolist()
-    shares = extraction.shard_rows(lengths, world)
+    shares = dist.shard_rows(lengths, world)
     joined = np.concatenate(shares)
     assert sorted(joined.tolist()) == list(range(101))
     loads = [sum(lengths[i] for i in share) for share in shares]
     assert max(loads) - min(loads) <= max(lengths)  # greedy longest-first: within one row of even
-    assert [s.tolist() for s in extraction.shard_rows(lengths, world)] == [s.tolist() for s in shares]
+    assert [s.tolist() for s in dist.shard_rows(lengths, world)] == [s.tolist() for s in shares]
 
 
 def test_more_ranks_than_rows_leaves_empty_shares():
-    shares = extraction.shard_rows([5, 9], 4)
+    shares = dist.shard_rows([5, 9], 4)
     assert sorted(len(s) for s in shares) == [0, 0, 1, 1]
 
 

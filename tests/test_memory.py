@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import TINY_OVERRIDES, compose_cfg
-from pipeline import memory
+from pipeline.llm import memory
 
 LLAMA3_8B = memory.ModelShape.from_config(dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
                                                num_attention_heads=32, num_key_value_heads=8,

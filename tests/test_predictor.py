@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, compose_cfg
-from pipeline import Predictor, inputs, modeling
+from pipeline import Predictor, inputs
+from pipeline.llm import modeling
 from pipeline.data import LABEL_COLUMNS
 from pipeline.errors import UserError
 from pipeline.stages import export, stack
@@ -80,9 +81,9 @@ def test_merged_export_is_a_plain_transformers_classifier(tiny_experiment, tmp_p
     and the export's predictions stay close to the every-adapter submission."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline import extraction
+    from pipeline import embed_passes
     from pipeline.formatting import encode_frame
-    from pipeline.inference import forward_pass
+    from pipeline.llm.inference import forward_pass
     from pipeline.predictor import as_pair_data
 
     cfg, exp, test, submission = experiment_copy(tiny_experiment, tmp_path)
@@ -96,7 +97,7 @@ def test_merged_export_is_a_plain_transformers_classifier(tiny_experiment, tmp_p
     cpu = torch.device("cpu")
     got = forward_pass(plain.eval(), rows, tokenizer.pad_token_id, 4096, cpu, torch.float32).logits
     averaged = tmp_path / "averaged" / "adapter"
-    extraction.average_adapters(predictor.adapters, averaged)
+    embed_passes.average_adapters(predictor.adapters, averaged)
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     reference = modeling.load_with_adapter(source, cfg.model, predictor.tokenizer, averaged, torch.float32, cpu)
     expected = forward_pass(reference, rows, predictor.tokenizer.pad_token_id, 4096, cpu, torch.float32).logits

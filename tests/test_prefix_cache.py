@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import inputs, modeling, prefix_cache, training
+from pipeline import inputs
+from pipeline.llm import modeling, prefix_cache, training
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from conftest import TINY_OVERRIDES
-from pipeline import artifacts, data, inputs, locks, modeling, stacking, validation
+from pipeline import artifacts, data, inputs, locks, validation
+from pipeline.stage_two import store
+from pipeline.llm import modeling
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.stages import check, embed, finetune, predict, stack
@@ -143,7 +143,8 @@ def test_two_stack_runs_at_once_leave_one_consistent_result(tiny_experiment, tmp
     results = [(p.wait(timeout=600), p.stderr.read()) for p in runs]
     assert any(code == 0 for code, _ in results), results
     for code, stderr in results:
-        assert code == 0 or "in use by PID" in stderr, stderr[-2000:]
+        # The holder's PID is named once its lock file is written; a refusal a moment before says "another process".
+        assert code == 0 or "is in use by" in stderr, stderr[-2000:]
     root = Path(cfg.paths.exp_dir)
     model = json.loads((root / "stack" / "model.json").read_text())
     metrics = json.loads((root / "metrics.json").read_text())
@@ -308,11 +309,11 @@ def test_an_edited_model_json_cannot_name_code_to_run(tiny_experiment, tmp_path,
 
 
 def test_trusted_classifiers_are_scikit_learn_and_lightgbm_classes_only():
-    assert stacking.is_trusted_classifier("sklearn.svm.SVC")
-    assert stacking.is_trusted_classifier("lightgbm.LGBMClassifier")
-    assert not stacking.is_trusted_classifier("sklearn.linear_model.LinearRegression")  # not a classifier
-    assert not stacking.is_trusted_classifier("os.system")
-    assert not stacking.is_trusted_classifier("sklearn.nonexistent.Thing")
+    assert store.is_trusted_classifier("sklearn.svm.SVC")
+    assert store.is_trusted_classifier("lightgbm.LGBMClassifier")
+    assert not store.is_trusted_classifier("sklearn.linear_model.LinearRegression")  # not a classifier
+    assert not store.is_trusted_classifier("os.system")
+    assert not store.is_trusted_classifier("sklearn.nonexistent.Thing")
 
 
 # -------------------------------------------------------------------------------- 7. read-only experiment
@@ -412,7 +413,7 @@ def test_damaged_base_model_on_the_command_line(tiny_cfg, tmp_path, model_cache)
 INTERRUPT_AT_FOLD_1 = """
 import os, runpy, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from pipeline import training
+from pipeline.llm import training
 real, calls = training.train_adapter, []
 def interrupted(*args, **kwargs):
     calls.append(1)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_OVERRIDES
-from pipeline import artifacts, inputs, layout
+from pipeline import artifacts, feature_table, inputs, layout
 from pipeline.data import LABEL_COLUMNS
 from pipeline.stages import embed
 
@@ -122,8 +122,8 @@ def test_embed_resumes_only_missing_folds_after_a_kill(tmp_path, tiny_experiment
     assert fold_0_file.stat().st_mtime_ns == mtime  # finished fold not redone
     assert artifacts.read_state(copy / "embed" / "fold_2")["done"]
     assert not stray.exists()
-    original = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
-    again = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
+    original = feature_table.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
+    again = feature_table.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     for name in original:
         np.testing.assert_array_equal(original[name], again[name])
 
@@ -147,8 +147,8 @@ def test_two_rank_sharded_embed_equals_one_process(tmp_path, model_cache, tiny_e
     (copy / "embed" / layout.TRAIN_FEATURES).unlink()
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
          "pipeline", "stage=embed", *cli(tmp_path, model_cache, f"exp_name={cfg.exp_name}")])
-    single = artifacts.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
-    sharded = artifacts.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
+    single = feature_table.read_feature_table(exp / "embed" / layout.TRAIN_FEATURES).matrices
+    sharded = feature_table.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES).matrices
     assert set(single) == set(sharded)
     for name in single:
         np.testing.assert_allclose(sharded[name], single[name], atol=2e-3, rtol=1e-2)
@@ -160,8 +160,8 @@ def test_two_rank_sharded_embed_equals_one_process(tmp_path, model_cache, tiny_e
     [test_folder] = (copy / "embed").glob("test_*")
     [reference_folder] = (exp / "embed").glob("test_*")
     assert set(artifacts.read_json(test_folder / layout.MANIFEST)["ranks"]["fold_0"]) == {"0", "1"}
-    test_sharded = artifacts.read_feature_table(test_folder / layout.TEST_FEATURES).matrices
-    test_single = artifacts.read_feature_table(reference_folder / layout.TEST_FEATURES).matrices
+    test_sharded = feature_table.read_feature_table(test_folder / layout.TEST_FEATURES).matrices
+    test_single = feature_table.read_feature_table(reference_folder / layout.TEST_FEATURES).matrices
     for name in test_single:
         np.testing.assert_allclose(test_sharded[name], test_single[name], atol=2e-3, rtol=1e-2)
     assert not (copy / "embed" / "shards").exists() or not any((copy / "embed" / "shards").rglob("*.parquet"))

@@ -7,8 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import extraction, inputs, modeling
-from pipeline.adapter_merge import merged_lora
+from pipeline import embed_passes, inputs
+from pipeline.llm import modeling
+from pipeline.llm.adapters import merged_lora
 from pipeline.data import load_pairs
 
 CPU = torch.device("cpu")
@@ -24,13 +25,14 @@ def scoring(tiny_experiment):
     models = {dtype: modeling.load_with_adapter(source, cfg.model, tokenizer, adapter, dtype, CPU)
               for dtype in (torch.bfloat16, torch.float32)}
     frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame.iloc[:24]
-    rows = extraction.encode_rows(tokenizer, frame, cfg)
+    rows = embed_passes.encode_rows(tokenizer, frame, cfg)
     return cfg, tokenizer, models, rows
 
 
 def features(cfg, tokenizer, model, rows, dtype, merge: bool) -> dict[str, np.ndarray]:
     embed = OmegaConf.merge(cfg.embed, {"merge_lora": merge})
-    return extraction.pass_features(model, rows, extraction.PassSettings(tokenizer.pad_token_id, embed, CPU, dtype))
+    settings = embed_passes.PassSettings(tokenizer.pad_token_id, embed, CPU, dtype)
+    return embed_passes.pass_features(model, rows, settings).columns()
 
 
 def largest_difference(one: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:

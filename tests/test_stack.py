@@ -5,7 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import artifacts, inputs, members, pooling, stacking
+from pipeline import artifacts, folds, inputs
+
+from pipeline.stage_two import cv, design
+
+from pipeline.stage_two.spec import StackSpec, VectorRequest
+from pipeline.stage_two import members, pooling
 from pipeline.data import LABEL_COLUMNS, load_pairs
 from pipeline.errors import UserError
 from pipeline.scoring import logloss, prior_probs
@@ -31,7 +36,7 @@ def test_oof_and_metrics(tiny_experiment):
     from pipeline import context
 
     cfg = compose_cfg(_overrides(cfg))
-    result = stacking.score(context.open_run(cfg, "stack"), stacking.StackSpec.from_config(cfg.stack, cfg.seed))
+    result = cv.score(context.open_run(cfg, "stack"), StackSpec.from_config(cfg.stack, cfg.seed))
     np.testing.assert_allclose(oof[list(LABEL_COLUMNS)].to_numpy(), result.oof, rtol=1e-12)
     for k, fold in enumerate(result.folds):
         names = list(cfg.stack.blend_members)
@@ -143,7 +148,7 @@ def synthetic(n=600, d=6, seed=0, signal=1.0):
     head = rng.dirichlet([5, 5, 3], n)
     words = lambda: [[" ".join(["w"] * int(k))] for k in rng.integers(1, 30, n)]  # noqa: E731
     frame = pd.DataFrame({"prompt": words(), "response_a": words(), "response_b": words()})
-    from pipeline.features import text_inputs
+    from pipeline.stage_two.features import text_inputs
     from dataclasses import replace
 
     pair = replace(text_inputs(frame), head=head, head_other=head[:, [1, 0, 2]], vectors=vectors)
@@ -153,14 +158,14 @@ def synthetic(n=600, d=6, seed=0, signal=1.0):
 VECTORS = {"layers": ["h100"], "kinds": ["diff"], "orientations": ["fwd", "swp"], "prefix": ""}
 
 
-def stack_spec(*overrides) -> stacking.StackSpec:
+def stack_spec(*overrides) -> StackSpec:
     cfg = compose_cfg(["stack.vectors.pca_components=0", "stack.inner_folds=3", *overrides])
-    return stacking.StackSpec.from_config(cfg.stack, 0)
+    return StackSpec.from_config(cfg.stack, 0)
 
 
 def run_cv(pair, labels, fold_of, groups, names, *overrides):
     spec = stack_spec(f"stack.blend_members=[{','.join(names)}]", *overrides)
-    return stacking.cross_validate(stacking.StackData(pair, labels, fold_of, groups, VECTORS), spec, spec.members)
+    return cv.cross_validate(cv.StackData(pair, labels, fold_of, groups, VECTORS), spec, spec.members)
 
 
 def test_vector_member_learns_a_real_signal_and_not_noise():
@@ -250,8 +255,8 @@ def test_staged_lightgbm_search_equals_separate_fits():
     pair, labels, fold_of, groups = synthetic(n=300)
     member = stack_spec().baselines["length"]
     assert isinstance(member, members.StagedBoostingMember)
-    x = stacking.design(pair, member.groups, VECTORS, {})
-    inner = stacking.inner_splits(labels, groups, 3, 0)
+    x = design.design(pair, member.groups, VECTORS, {})
+    inner = folds.inner_splits(labels, groups, 3, 0)
     staged = dict((p["n_estimators"], oof) for p, oof in member.inner_predictions(x, labels, inner, True, 0))
     for n in (25, 200):
         separate = np.zeros((len(labels), 3))
@@ -265,11 +270,11 @@ def test_evaluate_baselines_are_their_members_cross_validated_alone():
     """The `length` baseline is the member stack.baselines names (text) cross-validated on the same folds: the
     same numbers whether that member is blended or fitted alone for the baseline."""
     pair, labels, fold_of, groups = synthetic(n=300)
-    data = stacking.StackData(pair, labels, fold_of, groups, VECTORS)
+    data = cv.StackData(pair, labels, fold_of, groups, VECTORS)
     for members_ in ("[head,text]", "[head,vectors]"):
         spec = stack_spec(f"stack.blend_members={members_}")
-        result = stacking.evaluate(data, spec)
-        alone = stacking.cross_validate(data, spec, [spec.baselines["length"]]).oof
+        result = cv.evaluate(data, spec)
+        alone = cv.cross_validate(data, spec, [spec.baselines["length"]]).oof
         np.testing.assert_allclose(result.baselines["length"], alone)
         np.testing.assert_allclose(result.baselines["head"], (pair.head + pair.head_other) / 2)
         metrics = result.metrics()
@@ -288,16 +293,16 @@ def test_select_candidate_needs_a_clear_paired_margin():
     # Better on every row by a little: a consistent paired gain is clear, however small.
     steady = blend.copy()
     steady[np.arange(n), y] += 0.002
-    assert stacking.select_candidate(y, blend, {"steady": steady / steady.sum(1, keepdims=True)}, z=2.0) == "steady"
+    assert cv.select_candidate(y, blend, {"steady": steady / steady.sum(1, keepdims=True)}, z=2.0) == "steady"
     # Better on half the rows and as much worse on the other half (a tiny net gain): noise, the blend stays.
     p_true = np.where(np.arange(n) % 2 == 0, 0.40, 0.28)
     noisy = np.repeat(((1 - p_true) / 2)[:, None], 3, axis=1)
     noisy[np.arange(n), y] = p_true
     assert np.mean(pooling.row_losses(y, blend) - pooling.row_losses(y, noisy)) > 0
-    assert stacking.select_candidate(y, blend, {"noisy": noisy}, z=2.0) == "blend"
+    assert cv.select_candidate(y, blend, {"noisy": noisy}, z=2.0) == "blend"
     # Among clear winners the larger gain wins; a worse member never replaces the blend.
-    assert stacking.select_candidate(y, blend, {"sharp": sharp, "steady": steady}, z=2.0) == "sharp"
-    assert stacking.select_candidate(y, sharp, {"uniform": blend}, z=0.0) == "blend"
+    assert cv.select_candidate(y, blend, {"sharp": sharp, "steady": steady}, z=2.0) == "sharp"
+    assert cv.select_candidate(y, sharp, {"uniform": blend}, z=0.0) == "blend"
 
 
 def test_a_mistyped_estimator_is_refused_at_check_time(tiny_cfg):
@@ -315,10 +320,10 @@ def test_verdict_diff_without_the_swapped_pass_is_one_error():
     """embed.swap_tta=false leaves one orientation: the default vector block verdict_diff cannot be made, and says
     so (it was a KeyError traceback)."""
     vectors = {f"h050_{span}_fwd": np.zeros((4, 3)) for span in ("prompt", "a", "b", "verdict")}
-    request = stacking.StackSpec.from_config(compose_cfg([]).stack, 0).vectors
+    request = StackSpec.from_config(compose_cfg([]).stack, 0).vectors
     with pytest.raises(UserError, match="verdict_diff.*embed.swap_tta=false"):
         request.settings(vectors)
-    assert stacking.VectorRequest("finetuned", None, ["diff"], ["fwd", "swp"], 4).settings(vectors)["layers"] == ["h050"]
+    assert VectorRequest("finetuned", None, ["diff"], ["fwd", "swp"], 4).settings(vectors)["layers"] == ["h050"]
 
 
 # ------------------------------------------------------------------------------------- bounded damage (pooling)

@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES, compose_cfg
-from pipeline import artifacts, inputs, modeling, setups, validation
+from pipeline import artifacts, inputs, setups, validation
+from pipeline.llm import modeling
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame
-from pipeline.inference import forward_pass
+from pipeline.llm.inference import forward_pass
 from pipeline.layout import Layout
 from pipeline.stages import all as all_stage, check, finetune, fit
 

@@ -6,7 +6,7 @@ import time
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, layout
+from pipeline import artifacts, dist, layout
 from pipeline.stages import check, embed, finetune, stack
 
 
@@ -17,14 +17,14 @@ def run(cfg: DictConfig) -> dict:
     results: dict = {}
     seconds: dict[str, float] = {}
     for name, module in stages:
-        if name == "stack" and not artifacts.is_main_process():
+        if name == "stack" and not dist.is_main_process():
             break  # under torchrun, other ranks share the fine-tuning and the feature passes
         start = time.perf_counter()
         results[name] = module.run(cfg)
         seconds[name] = round(time.perf_counter() - start, 1)
     lay = layout.Layout.of(cfg)
     results["stage_seconds"] = seconds
-    if artifacts.is_main_process():
+    if dist.is_main_process():
         artifacts.update_metrics(lay.root, "all", {"stage_seconds": seconds})
         print(f"\ndone in {sum(seconds.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
         print(f"  report:     {lay.stack / layout.REPORT}")

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, context, inputs, memory, modeling, stacking, validation, warm_start
+from pipeline import artifacts, context, folds, inputs, validation
+from pipeline.llm import memory, modeling, warm_start
 from pipeline.data import PairData
 from pipeline.errors import UserError
 from pipeline.formatting import MARKERS, leading_special_ids, segment_text, template_tokens, tokenizer_fn
@@ -102,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
     train, test = ctx.train, ctx.test
     # What later stages would refuse after a long fine-tune is refused now: stage two's inner splits of every
     # training set, and extra rows that copy train rows.
-    stacking.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
+    folds.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
     extra = inputs.load_extra(cfg, train)
     if cfg.finetune.init_adapter:
         warm_start.check_start(cfg, train.frame, ctx.train_path, local_base_model(cfg), scored=True)

@@ -13,7 +13,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, extraction, locks, setups
+from pipeline import artifacts, context, embed_passes, feature_table, locks, setups
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +27,16 @@ def run(cfg: DictConfig) -> dict:
 
 def gather(ctx: context.RunContext) -> dict:
     cfg, lay = ctx.cfg, ctx.layout
-    ft_states = extraction.finetune_fold_states(ctx)
+    ft_states = feature_table.finetune_fold_states(ctx)
     setup = setups.embed_setup(cfg, ft_states[0])
     # Features are derived from the finished adapters: a fold made with other embed settings is simply redone.
-    missing = [k for k in range(ctx.n_folds) if not extraction.is_current(lay.embed_fold(k), setup)]
-    extraction.extract_missing(ctx, ft_states, setup, missing, with_test=True)
+    missing = [k for k in range(ctx.n_folds) if not feature_table.is_current(lay.embed_fold(k), setup)]
+    embed_passes.extract_missing(ctx, ft_states, setup, missing, with_test=True)
     if not ctx.is_main:
         return {}
-    width = extraction.combine_train(ctx)
+    width = embed_passes.combine_train(ctx)
     if ctx.test is not None:
-        extraction.finish_test(ctx, extraction.test_folder(ctx, ft_states[0]), ft_states)
+        embed_passes.finish_test(ctx, feature_table.test_folder(ctx, ft_states[0]), ft_states)
     metrics = {"n_train_rows": int(len(ctx.ids)), "n_test_rows": 0 if ctx.test is None else int(len(ctx.test.frame)),
                "hidden_size": width, "layers": [float(f) for f in cfg.embed.layers], "refreshed_folds": missing,
                "test_adapters": cfg.embed.test_adapters, "world_size": ctx.world_size,

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, layout, stacking
+from pipeline import artifacts, layout
+
+from pipeline.stage_two import store
 from pipeline.errors import UserError
 from pipeline.predictor import Predictor, check_export_target
 
@@ -33,7 +35,7 @@ def run(cfg: DictConfig) -> dict:
                         "experiment somewhere writable, or export from Python: Predictor.load(experiment)"
                         ".export(folder)")
     check_export_target(target, lay.root, experiment=True)
-    recorded = stacking.with_recorded_stack(cfg, lay, trusted=cfg.stack)
+    recorded = store.with_recorded_stack(cfg, lay, trusted=cfg.stack)
     predictor = Predictor.from_experiment(lay.root, OmegaConf.merge(recorded, {"data": {"test": None}}))
     metrics = predictor.export(target, cfg.export.model, made_by=["python", "-m", "pipeline", *sys.argv[1:]])
     artifacts.update_metrics(lay.root, "export", metrics)

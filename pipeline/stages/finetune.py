@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from pipeline import (artifacts, context, extraction, inputs, layout, locks, modeling, setups, stacking, training,
-                      validation, warm_start)
+from pipeline import artifacts, context, dist, embed_passes, feature_table, folds, inputs, layout, locks, setups, validation
+from pipeline.llm import modeling, training, warm_start
 from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS
 from pipeline.errors import UserError
@@ -65,15 +65,15 @@ class FinetuneRun:
     ctx: RunContext
     source: Path | str
     tokenizer: object
-    rows: extraction.Rows            # every train row; the swapped orientation when augmentation or TTA reads it
-    scoring_rows: extraction.Rows    # what the fold-end pass scores (the swapped rows only with swap TTA)
+    rows: embed_passes.Rows            # every train row; the swapped orientation when augmentation or TTA reads it
+    scoring_rows: embed_passes.Rows    # what the fold-end pass scores (the swapped rows only with swap TTA)
     extra_rows: list[dict]
     setup: dict
     settings: dict                   # the settings behind setup["config_hash"], recorded to name a mismatch
     embed_setup: dict
-    pass_settings: extraction.PassSettings
+    pass_settings: embed_passes.PassSettings
     test_folder: Path | None         # with a test file and embed.test_adapters=each: scored at each fold's end
-    test_rows: extraction.Rows | None = None
+    test_rows: embed_passes.Rows | None = None
 
 
 def setup(cfg: DictConfig) -> FinetuneRun:
@@ -91,20 +91,20 @@ def setup(cfg: DictConfig) -> FinetuneRun:
     # separate jobs are later read together, and one mistyped job must not be mixed in silently.
     for k in range(ctx.n_folds):
         artifacts.check_state(ctx.layout.finetune_fold(k), setup_, HOW_TO_FIX, settings)
-    stacking.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
+    folds.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
     # One encoding of the train file; the swapped one only when augmentation or swap TTA reads it.
-    rows = extraction.Rows(encode_frame(tokenizer, ctx.train.frame, cfg.model), None)
+    rows = embed_passes.Rows(encode_frame(tokenizer, ctx.train.frame, cfg.model), None)
     if cfg.finetune.swap_augmentation or cfg.embed.swap_tta:
         rows.swapped = encode_frame(tokenizer, ctx.train.frame, cfg.model, swap=True)
     score_test = ctx.test is not None and cfg.embed.test_adapters == "each"
     if cfg.embed.max_length not in (None, cfg.model.max_length):  # train short, score long
-        scoring_rows = extraction.encode_rows(tokenizer, ctx.train.frame, cfg)
+        scoring_rows = embed_passes.encode_rows(tokenizer, ctx.train.frame, cfg)
     else:
-        scoring_rows = rows if cfg.embed.swap_tta else extraction.Rows(rows.encoded, None)
+        scoring_rows = rows if cfg.embed.swap_tta else embed_passes.Rows(rows.encoded, None)
     return FinetuneRun(ctx, source, tokenizer, rows, scoring_rows,
                        extra_training_rows(ctx, tokenizer), setup_, settings, setups.embed_setup(cfg, setup_),
-                       extraction.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source),
-                       extraction.test_folder(ctx, setup_) if score_test else None)
+                       embed_passes.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source),
+                       feature_table.test_folder(ctx, setup_) if score_test else None)
 
 
 def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
@@ -133,20 +133,20 @@ def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
     start = time.perf_counter()
     # The held-out scoring pass is also the embed pass: head probabilities and vectors together, every rank
     # scoring a share of the rows.
-    scored = extraction.score_rows(model, run_.scoring_rows.take(held_out), run_.pass_settings,
+    scored = embed_passes.score_rows(model, run_.scoring_rows.take(held_out), run_.pass_settings,
                                    ctx.out.shard_folder(f"finetune_fold_{k}"), desc=f"fold {k}")
     train_folds = sorted(int(f) for f in set(fold_of[train_index]))
     if ctx.is_main:
-        probs = extraction.head_probabilities(scored.features)
+        probs = scored.features.head_probabilities()
         artifacts.write_parquet(lay.fold_oof(k), pd.DataFrame(
             {"id": ctx.ids[held_out], "fold": k, **dict(zip(LABEL_COLUMNS, probs.T))}))
         stats["logloss"] = logloss(labels[held_out], probs)
         artifacts.mark_done(fold_dir, FinetuneFoldRecord(k, train_folds, stats, run_.settings).as_state(run_.setup))
-        extraction.write_train_fold(ctx, k, scored, run_.embed_setup, train_folds, time.perf_counter() - start)
+        embed_passes.write_train_fold(ctx, k, scored, run_.embed_setup, train_folds, time.perf_counter() - start)
     if run_.test_folder is not None and not layout.test_fold_features(run_.test_folder, k).exists():
         if run_.test_rows is None:
-            run_.test_rows = extraction.encode_rows(run_.tokenizer, ctx.test.frame, cfg)
-        extraction.write_test_pass(ctx, run_.test_folder, k, model, run_.test_rows, run_.pass_settings)
+            run_.test_rows = embed_passes.encode_rows(run_.tokenizer, ctx.test.frame, cfg)
+        embed_passes.write_test_pass(ctx, run_.test_folder, k, model, run_.test_rows, run_.pass_settings)
     if ctx.is_main:
         shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
         log.info("fold %d: logloss %.4f, %.0f tokens/s", k, stats["logloss"], stats["tokens_per_s"])
@@ -184,7 +184,7 @@ def run(cfg: DictConfig) -> dict:
         # The fold's lock: a parallel job on the same fold fails at once, one on another fold goes on.
         with locks.fold(run_.ctx.layout.finetune_fold(k), k, f"stage=finetune fold {k}"):
             train_and_score_fold(run_, k)
-        extraction.barrier()
+        dist.barrier()
     return save(run_) if run_.ctx.is_main else {}
 
 

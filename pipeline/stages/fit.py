@@ -13,7 +13,8 @@ import shutil
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, inputs, modeling, setups, training, warm_start
+from pipeline import artifacts, context, inputs, setups
+from pipeline.llm import modeling, training, warm_start
 
 log = logging.getLogger(__name__)
 HOW_TO_FIX = "use a new exp_name, or delete that folder to fit again"

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, extraction, layout, stacking
+from pipeline import artifacts, context, embed_passes, layout
+
+from pipeline.stage_two import cv, store
+
+from pipeline.stage_two.spec import StackSpec
 from pipeline.errors import UserError
 
 
@@ -32,14 +36,14 @@ def run(cfg: DictConfig) -> dict:
     if cfg.data.test is None and cfg.data.train is not None:
         raise UserError("stage=predict needs a test file: add data.test=PATH")
     lay = layout.Layout.of(cfg)
-    cfg = stacking.with_recorded_stack(cfg, lay, trusted=cfg.stack)
+    cfg = store.with_recorded_stack(cfg, lay, trusted=cfg.stack)
     ctx = context.open_run(cfg, "predict", out_root=output_root(cfg, lay))
-    extraction.ensure_test_features(ctx)
+    embed_passes.ensure_test_features(ctx)
     if not ctx.is_main:
         return {}
-    result = stacking.score(ctx, stacking.StackSpec.from_config(cfg.stack, cfg.seed), with_test=True, baselines=False)
+    result = cv.score(ctx, StackSpec.from_config(cfg.stack, cfg.seed), with_test=True, baselines=False)
     submission = ctx.out.submission
-    stacking.write_submission(submission, ctx.test.frame["id"].to_numpy(), result.test)
+    store.write_submission(submission, ctx.test.frame["id"].to_numpy(), result.test)
     metrics = {"n_rows": int(len(ctx.test.frame)), "test": str(ctx.test_path), "submission": str(submission),
                "n_repaired": ctx.test.n_repaired, "test_adapters": cfg.embed.test_adapters}
     artifacts.update_metrics(ctx.out.root, "predict", metrics)

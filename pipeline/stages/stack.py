@@ -14,7 +14,12 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, context, layout, report, setups, stacking
+from pipeline import artifacts, context, layout, setups
+
+from pipeline.stage_two import cv, store
+
+from pipeline.stage_two.spec import StackSpec
+from pipeline.stage_two import report
 from pipeline.data import LABEL_COLUMNS
 from pipeline.scoring import logloss
 
@@ -31,9 +36,9 @@ def run(cfg: DictConfig) -> dict:
     lay = layout.Layout.of(cfg)
     out = results_dir(lay)
     single_run = out == lay.stack
-    spec = stacking.StackSpec.from_config(cfg.stack, cfg.seed)
+    spec = StackSpec.from_config(cfg.stack, cfg.seed)
     ctx = context.open_run(cfg, "stack", out_root=out.parent, record=False)
-    result = stacking.score(ctx, spec, with_test=ctx.test is not None)
+    result = cv.score(ctx, spec, with_test=ctx.test is not None)
     metrics = result.metrics()
     metrics["results_dir"] = str(out)
     # The results are one unit: written into a fresh folder, then swapped in, so a kill never leaves old and new
@@ -45,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     artifacts.write_manifest(out.parent, cfg, "stack")
     submission = lay.submission if single_run else out / layout.SUBMISSION
     if result.test is not None:
-        stacking.write_submission(submission, ctx.test.frame["id"].to_numpy(), result.test)
+        store.write_submission(submission, ctx.test.frame["id"].to_numpy(), result.test)
         metrics["submission"] = str(submission)
     elif submission.exists():
         submission.unlink()  # made by older models: never leave it beside these
@@ -59,14 +64,14 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def save(out: Path, ctx: context.RunContext, result: stacking.StackResult) -> None:
+def save(out: Path, ctx: context.RunContext, result: cv.StackResult) -> None:
     """OOF probabilities, the settings stage=predict refits with, and each fold's learned numbers (LightGBM boosters
-    as text, linear coefficients and PCA components as npz; never a pickle: stacking.save_fold_model), with the
+    as text, linear coefficients and PCA components as npz; never a pickle: store.save_fold_model), with the
     record of each fold (choice, blend, chosen parameters, files) in model.json."""
     artifacts.write_parquet(out / layout.OOF, pd.DataFrame(
         {"id": ctx.train.frame["id"].to_numpy(), "fold": ctx.fold_of, **dict(zip(LABEL_COLUMNS, result.oof.T))}))
     length = result.spec.baselines["length"].name
-    exported = [stacking.save_fold_model(fold.model, out / f"fold_{k}", length, strict=False)
+    exported = [store.save_fold_model(fold.model, out / f"fold_{k}", length, strict=False)
                 for k, fold in enumerate(result.folds)]
     artifacts.write_json(out / layout.MODEL_FILE, {
         "stack": OmegaConf.to_container(ctx.cfg.stack, resolve=True), "n_folds": ctx.n_folds,

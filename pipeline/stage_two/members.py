@@ -28,8 +28,8 @@ from pipeline import artifacts
 from pipeline.data import swap_label, swap_probabilities
 from pipeline.errors import UserError
 from pipeline.scoring import logloss
+from pipeline.stage_two.groups import GROUPS
 
-GROUPS = ("text", "rules", "head", "summary", "vectors", "likelihood")
 InnerSplits = list[tuple[np.ndarray, np.ndarray]]
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data import swap_probabilities
+from pipeline.feature_table import BASE_PREFIX, LM_LAYER, LM_STATS, VectorKey
 
 RULES = ("identical", "a_empty", "b_empty", "word_jaccard")
 TEXT_STATS = ("chars", "words", "turns", "newlines", "headers", "code_blocks", "list_items", "bold", "questions")
@@ -54,59 +55,6 @@ def rule_matrix(responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequ
         rows.append([float(text_a == text_b), float(text_a == ""), float(text_b == ""),
                      len(words_a & words_b) / len(union) if union else 1.0])
     return np.array(rows, dtype=np.float64).reshape(-1, 4)
-
-
-SPANS = ("prompt", "a", "b", "verdict")    # what a pass pools (inference.forward_pass)
-ORIENTATIONS = ("fwd", "swp")               # prompt|A|B, and prompt|B|A with swap TTA
-BASE_PREFIX = "base_"                       # vectors of the base model with the adapter disabled
-# The LM's own view of each span (embed.lm_features): stored like vectors, as `[base_]lm_{span}_{orientation}`
-# columns of width 2 (mean token log-likelihood, mean entropy), so they mirror under a swap the same way.
-LM_LAYER = "lm"
-LM_SPANS = ("prompt", "a", "b")
-LM_STATS = ("loglik", "entropy")
-
-
-@dataclass(frozen=True)
-class VectorKey:
-    """The name of one pooled-vector column, `[base_]{layer}_{span}_{orientation}` (e.g. `h050_a_fwd`), as one
-    type: parsed, formatted and mirrored here only. Parsing matches the span against the known spans, so layer and
-    span names may themselves contain `_`."""
-
-    layer: str
-    span: str
-    orientation: str
-    base: bool = False
-
-    @classmethod
-    def parse(cls, key: str, spans: Sequence[str] = SPANS) -> "VectorKey":
-        base = key.startswith(BASE_PREFIX)
-        rest = key[len(BASE_PREFIX):] if base else key
-        stem, _, orientation = rest.rpartition("_")
-        span = next((s for s in sorted(spans, key=len, reverse=True) if stem.endswith(f"_{s}")), None)
-        if orientation not in ORIENTATIONS or span is None or len(stem) <= len(span) + 1:
-            raise ValueError(f"{key!r} is not a vector column ([base_]LAYER_SPAN_ORIENTATION with a span of "
-                             f"{', '.join(spans)} and an orientation of {', '.join(ORIENTATIONS)})")
-        return cls(stem[: -len(span) - 1], span, orientation, base)
-
-    @classmethod
-    def is_vector(cls, key: str, spans: Sequence[str] = SPANS) -> bool:
-        try:
-            cls.parse(key, spans)
-        except ValueError:
-            return False
-        return True
-
-    def __str__(self) -> str:
-        return f"{BASE_PREFIX if self.base else ''}{self.layer}_{self.span}_{self.orientation}"
-
-    def mirrored(self) -> "VectorKey":
-        """The key holding the same vector for the A/B-swapped pair: response a <-> b and orientation fwd <-> swp
-        (the swapped pair's forward pass is this pair's swapped pass)."""
-        return VectorKey(self.layer, {"a": "b", "b": "a"}.get(self.span, self.span),
-                         "swp" if self.orientation == "fwd" else "fwd", self.base)
-
-    def oriented(self, orientation: str) -> "VectorKey":
-        return VectorKey(self.layer, self.span, orientation, self.base)
 
 
 @dataclass

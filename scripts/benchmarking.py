@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline import configs, modeling
+from pipeline import configs
+from pipeline.llm import modeling
 from pipeline.data import PairData, load_pairs
 
 SHARED_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "preference" / "autoj_pairwise_test.csv"

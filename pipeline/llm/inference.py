@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.features import LM_LAYER, LM_SPANS, SPANS  # pooled per captured layer; verdict = the last token
+from pipeline.feature_table import LM_LAYER, LM_SPANS, SPANS  # pooled per captured layer; verdict = the last token
 from pipeline.formatting import EncodedPair
 
 LM_CHUNK = 1024  # positions per LM-head matmul: chunk x vocab fp32 logits stay ~200 MB for a 49k vocabulary

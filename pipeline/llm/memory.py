@@ -124,7 +124,7 @@ def plan(shape: ModelShape, quantization: str, weight_bytes: int, lora_r: int, l
     scoring = (scoring_tokens * shape.activation_elements_per_token_layer(eager_attention, scoring_length)
                * ACTIVATION_BYTES + captured_layers * scoring_tokens * shape.hidden * 4) / GB
     if lm_features:  # embed.lm_features: the fp32 LM head and one chunk's logits, log-probabilities and probabilities
-        from pipeline.inference import LM_CHUNK
+        from pipeline.llm.inference import LM_CHUNK
 
         scoring += (shape.vocab * shape.hidden * 4 + 3 * LM_CHUNK * shape.vocab * 4) / GB
 

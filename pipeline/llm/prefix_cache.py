@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.inference import backbone, length_batches, pad_batch
+from pipeline.llm.inference import backbone, length_batches, pad_batch
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline import artifacts, warm_start
+from pipeline import artifacts, dist
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ NUM_LABELS = 3
 
 def device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", dist.local_rank())
     return torch.device("cpu")
 
 
@@ -123,7 +123,7 @@ def base_model_plan(model_cfg: DictConfig, cache_dir: str | Path) -> tuple[Path 
         return model_cfg.path, None
     cache_dir = Path(cache_dir)
     if model_cfg.source == "tiny":
-        from pipeline.tiny import build_tiny
+        from pipeline.llm.tiny import build_tiny
 
         return cache_dir / f"tiny-{artifacts.config_hash(model_cfg.tiny)}", lambda d: build_tiny(d, model_cfg.tiny)
     if model_cfg.source == "gguf_package":
@@ -341,43 +341,6 @@ def trainable_in_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-
-
-def check_init_adapter(adapter_dir: Path, lora_cfg: DictConfig) -> None:
-    """finetune.init_adapter must be a PEFT LoRA folder (safetensors) of the rank and target modules this fine-tune
-    trains, or its weights cannot be loaded into the new adapter."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"finetune.init_adapter={adapter_dir}: no adapter there (a PEFT folder with "
-                        "adapter_config.json and adapter_model.safetensors is expected, e.g. another experiment's "
-                        "finetune/full/adapter)")
-    check_weights_folder(adapter_dir, "adapter_model.safetensors", "adapter_config.json")
-    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
-    ours = {"r": lora_cfg.get("r"), "target_modules": lora_cfg.get("target_modules")}
-    theirs = {"r": saved.get("r"), "target_modules": saved.get("target_modules")}
-    # Short names on both sides: an all-linear fit saves the modules it found, possibly as full module paths.
-    our_modules, their_modules = (warm_start.lora_module_names(m) for m in (ours["target_modules"],
-                                                                           theirs["target_modules"]))
-    if ours["r"] != theirs["r"] or (our_modules is not None and their_modules is not None
-                                     and our_modules != their_modules):
-        raise UserError(f"finetune.init_adapter={adapter_dir} has r={theirs['r']}, target_modules="
-                        f"{theirs['target_modules']}; this fine-tune trains r={ours['r']}, target_modules="
-                        f"{ours['target_modules']}: set finetune.lora to match it")
-
-
-def load_init_adapter(model, adapter_dir: Path) -> None:
-    """Start a fresh LoRA model (add_lora) from a saved adapter: its LoRA matrices and its `score` head, so step 0 of
-    the fine-tune is that adapter's model exactly (a warm start, e.g. from a full-data fit on extra rows)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, state)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "score" in k]
-    if missing:
-        raise UserError(f"finetune.init_adapter={adapter_dir}: {len(missing)} of its tensors fit no module of this "
-                        f"model (first {missing[0]}); was it trained on another base model?")
-    trainable_in_fp32(model)  # as add_lora left them
 
 
 def load_with_adapter(source: Path | str, model_cfg: DictConfig, tokenizer, adapter_dir: Path, dtype: torch.dtype,

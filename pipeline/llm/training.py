@@ -10,25 +10,29 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import modeling, prefix_cache
+from pipeline.llm import modeling, prefix_cache, warm_start
 from pipeline.data import swap_label
 from pipeline.formatting import EncodedPair
-from pipeline.inference import pad_batch
+from pipeline.llm.inference import pad_batch
+from pipeline.llm.losses import HardLabelCrossEntropy, TrainingLoss
 
 log = logging.getLogger(__name__)
 
 
 class PaddingCollator:
-    """Dynamic padding to the longest row of each batch (picklable: it runs in dataloader workers)."""
+    """Dynamic padding to the longest row of each batch, and the loss's targets stacked (picklable: it runs in
+    dataloader workers)."""
 
-    def __init__(self, pad_id: int, multiple_of: int = 1):
+    def __init__(self, pad_id: int, multiple_of: int = 1, targets: dict[str, torch.dtype] = TrainingLoss.targets):
         self.pad_id = pad_id
         self.multiple_of = multiple_of
+        self.targets = targets
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         ids, mask, _ = pad_batch([r["input_ids"] for r in rows], self.pad_id, multiple_of=self.multiple_of)
         batch = {"input_ids": ids, "attention_mask": mask,
-                 "labels": torch.as_tensor([r["labels"] for r in rows], dtype=torch.long)}
+                 **{name: torch.as_tensor([r[name] for r in rows], dtype=dtype)
+                    for name, dtype in self.targets.items()}}
         if "prefix" in rows[0]:  # finetune.cache_prefix: the frozen layers' cached output, padded like the ids
             batch["prefix_hidden"] = prefix_cache.pad_prefixes([r["prefix"] for r in rows], ids.shape[1])
         return batch
@@ -66,16 +70,24 @@ class LengthBatchSampler(torch.utils.data.Sampler):
 
 
 def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: bool = True,
-                     cache: prefix_cache.PrefixCache | None = None):
-    """The HF Trainer plus three things: the optimizer can give the `score` head its own learning rate (the
-    scheduler then scales both groups alike); real / padded tokens are counted where batches reach the model, in
-    the main process, so the counts hold with dataloader workers too; and `train_sampling_strategy=group_by_length`
-    uses LengthBatchSampler (`tight_length_batches=False` keeps HF's sampler, for the benchmark's comparison)."""
+                     cache: prefix_cache.PrefixCache | None = None, loss: TrainingLoss = HardLabelCrossEntropy()):
+    """The HF Trainer plus four things: its loss is `loss` (finetune.loss); the optimizer can give the `score` head
+    its own learning rate (the scheduler then scales both groups alike); real / padded tokens are counted where
+    batches reach the model, in the main process, so the counts hold with dataloader workers too; and
+    `train_sampling_strategy=group_by_length` uses LengthBatchSampler (`tight_length_batches=False` keeps HF's
+    sampler, for the benchmark's comparison)."""
     from transformers import Trainer
 
     class PipelineTrainer(Trainer):
         real_tokens = 0
         padded_tokens = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, compute_loss_func=self.loss_from_outputs, **kwargs)
+            self.batch_targets: dict[str, torch.Tensor] = {}
+
+        def loss_from_outputs(self, outputs, labels, num_items_in_batch=None):
+            return loss(outputs["logits"], {"labels": labels, **self.batch_targets}, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -84,11 +96,14 @@ def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: boo
             return LengthBatchSampler([len(row["input_ids"]) for row in dataset],
                                       self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
 
-        def compute_loss(self, model, inputs, *args, **kwargs):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             prefix = inputs.pop("prefix_hidden", None)
             if prefix is not None:
                 cache.set_batch(prefix)
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            self.batch_targets = {name: inputs.pop(name) for name in loss.targets if name != "labels"}
+            # As the Trainer treats a model's own loss: scaled for gradient accumulation when it had the count.
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def training_step(self, model, inputs, *args, **kwargs):
             mask = inputs["attention_mask"]
@@ -148,7 +163,6 @@ def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torc
         weight_decay=ft.weight_decay,
         warmup_steps=ft.warmup_ratio,
         lr_scheduler_type=ft.lr_scheduler,
-        label_smoothing_factor=ft.label_smoothing,
         logging_steps=ft.logging_steps,
         save_strategy="steps",
         save_steps=ft.save_steps,
@@ -170,6 +184,13 @@ def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torc
     return TrainingArguments(**{**ours, **OmegaConf.to_container(ft.training_args, resolve=True)})
 
 
+def training_loss(ft: DictConfig) -> TrainingLoss:
+    """finetune.loss built (`_target_`): the object the Trainer's loss comes from."""
+    from hydra.utils import instantiate
+
+    return instantiate(ft.loss)
+
+
 def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source, tokenizer, rows: list[dict],
                   seed: int, checkpoints: Path, tracking_dir: Path) -> tuple[object, dict]:
     """Train one LoRA adapter and `score` head on `rows` with the Trainer (from finetune.init_adapter when set;
@@ -184,7 +205,7 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
         modeling.init_head_from_verdict_tokens(model, tokenizer, source, list(cfg.finetune.verdict_words))
     model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
     if cfg.finetune.init_adapter:
-        modeling.load_init_adapter(model, Path(cfg.finetune.init_adapter))
+        warm_start.load_init_adapter(model, Path(cfg.finetune.init_adapter))
     if not cfg.finetune.train:
         # The frozen-feature path: the adapter stays as it starts (LoRA B = 0, or init_adapter's), no step taken.
         return model, {"train_seconds": 0.0, "train_rows": len(rows), "train_tokens": 0, "padded_tokens": 0,
@@ -195,8 +216,9 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
     cache = None
     if cfg.finetune.get("cache_prefix"):
         rows, cache = with_cached_prefix(cfg, model, rows, tokenizer.pad_token_id, on, dtype)
-    collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1)
-    trainer = pipeline_trainer(cfg.finetune.head_learning_rate, cache=cache)(
+    loss = training_loss(cfg.finetune)
+    collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1, targets=loss.targets)
+    trainer = pipeline_trainer(cfg.finetune.head_learning_rate, cache=cache, loss=loss)(
         model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
         data_collator=collator, processing_class=tokenizer)
     for callback in trainer.callback_handler.callbacks:

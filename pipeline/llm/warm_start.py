@@ -15,10 +15,12 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig
 
 from pipeline import artifacts
 from pipeline.data import pair_keys
 from pipeline.errors import UserError
+from pipeline.llm import modeling
 
 log = logging.getLogger(__name__)
 SEEN_FILE = "seen_rows.parquet"
@@ -126,11 +128,46 @@ def check_start(cfg, train: pd.DataFrame, train_path: Path, source: Path | str |
     """Every check of finetune.init_adapter that needs the data or the base model (validation checked its rank and
     modules): it fits the base model at `source` (when on disk), and with `scored` (a K-fold fine-tune, not a fit)
     it never saw a row of `train`."""
-    from pipeline import modeling
-
     adapter_dir = Path(str(cfg.finetune.init_adapter))
     on_disk = source is not None and Path(str(source)).is_dir()
     check_fits_model(adapter_dir, base_model_config(source) if on_disk else None,
                      modeling.base_model_fingerprint(source) if on_disk else None)
     if scored:
         check_unseen(adapter_dir, train, artifacts.file_fingerprint(train_path), str(cfg.cv.group_by))
+
+
+def check_init_adapter(adapter_dir: Path, lora_cfg: DictConfig) -> None:
+    """finetune.init_adapter must be a PEFT LoRA folder (safetensors) of the rank and target modules this fine-tune
+    trains, or its weights cannot be loaded into the new adapter."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"finetune.init_adapter={adapter_dir}: no adapter there (a PEFT folder with "
+                        "adapter_config.json and adapter_model.safetensors is expected, e.g. another experiment's "
+                        "finetune/full/adapter)")
+    modeling.check_weights_folder(adapter_dir, "adapter_model.safetensors", "adapter_config.json")
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    ours = {"r": lora_cfg.get("r"), "target_modules": lora_cfg.get("target_modules")}
+    theirs = {"r": saved.get("r"), "target_modules": saved.get("target_modules")}
+    # Short names on both sides: an all-linear fit saves the modules it found, possibly as full module paths.
+    our_modules, their_modules = (lora_module_names(m) for m in (ours["target_modules"],
+                                                                           theirs["target_modules"]))
+    if ours["r"] != theirs["r"] or (our_modules is not None and their_modules is not None
+                                     and our_modules != their_modules):
+        raise UserError(f"finetune.init_adapter={adapter_dir} has r={theirs['r']}, target_modules="
+                        f"{theirs['target_modules']}; this fine-tune trains r={ours['r']}, target_modules="
+                        f"{ours['target_modules']}: set finetune.lora to match it")
+
+
+def load_init_adapter(model, adapter_dir: Path) -> None:
+    """Start a fresh LoRA model (add_lora) from a saved adapter: its LoRA matrices and its `score` head, so step 0 of
+    the fine-tune is that adapter's model exactly (a warm start, e.g. from a full-data fit on extra rows)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "score" in k]
+    if missing:
+        raise UserError(f"finetune.init_adapter={adapter_dir}: {len(missing)} of its tensors fit no module of this "
+                        f"model (first {missing[0]}); was it trained on another base model?")
+    modeling.trainable_in_fp32(model)  # as add_lora left them

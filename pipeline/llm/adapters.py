@@ -1,0 +1,102 @@
+"""LoRA adapters beyond loading them: a pass with the active adapter merged into the base weights (restored bit for
+bit afterwards), and the fold adapters averaged into one (embed.test_adapters=averaged).
+
+Merging: an unmerged LoRA linear costs the base matmul plus two skinny ones, a scaling and an add per call: on a CPU
+with matrix units that tripled a scoring pass (scripts/bench_embed.py). Merged, each linear is one matmul. The merge
+rounds W + scale * B A once into the weights' dtype, so features agree with the unmerged pass within that dtype's
+rounding (tests/test_speed_paths.py bounds it by the bf16-vs-fp32 difference). The merge happens on the loaded
+model in place; the original weights are kept on the CPU and copied back afterwards, so the next fold's adapter, the
+base-model vectors and a later training step see the same base weights as before, to the bit.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from pipeline import artifacts
+from pipeline.errors import UserError
+
+
+def _mergeable_layers(model) -> list:
+    """LoRA layers on plain floating-point linears with an active adapter. Quantised bases (bitsandbytes) are left
+    alone: merging would re-quantise them, which neither keeps the features nor can be undone exactly."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if type(base) is torch.nn.Linear and base.weight.is_floating_point() and active and not module.merged:
+            layers.append(module)
+    return layers
+
+
+@contextmanager
+def merged_lora(model, enabled: bool = True) -> Iterator[int]:
+    """Within the block, every mergeable LoRA layer of `model` runs as one linear with its active adapter merged in;
+    on leaving (also on an error) the base weights are what they were, bit for bit. Yields how many layers were
+    merged (0 when disabled or when nothing can be merged: the block then runs the model as it is)."""
+    layers = _mergeable_layers(model) if enabled else []
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                bias = None if base.bias is None else base.bias.detach().to("cpu", copy=True)
+                saved.append((layer, base.weight.detach().to("cpu", copy=True), bias))
+                layer.merge()
+        yield len(layers)
+    finally:
+        with torch.no_grad():
+            for layer, weight, bias in saved:
+                if layer.merged:
+                    layer.unmerge()  # peft's bookkeeping; its subtraction is not exact, the copy below is
+                base = layer.get_base_layer()
+                base.weight.copy_(weight)
+                if bias is not None:
+                    base.bias.copy_(bias)
+
+
+def average_adapters(adapters: list[Path], target: Path) -> None:
+    """Write one adapter equal to the mean of the fold adapters (fold-adapter averaging: test rows need one pass
+    instead of K). LoRA: the folds' A matrices stacked and their B matrices side by side, each B scaled by its
+    fold's LoRA scaling / K, at rank K*r with scaling 1, so B' A' = mean_k s_k B_k A_k exactly (the mean of the
+    merged models' weight deltas). Every other saved tensor (the `score` head) is the plain mean."""
+    import math
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    configs = [artifacts.read_json(a / "adapter_config.json") for a in adapters]
+    base = configs[0]
+    if base.get("use_dora") or base.get("rank_pattern") or base.get("alpha_pattern"):
+        raise UserError("embed.test_adapters=averaged: DoRA adapters and per-module rank_pattern / alpha_pattern "
+                        "cannot be averaged exactly; use embed.test_adapters=each")
+    n = len(adapters)
+    from pipeline.llm.modeling import check_safetensors
+
+    for adapter in adapters:
+        check_safetensors(adapter / "adapter_model.safetensors")
+    states = [load_file(str(a / "adapter_model.safetensors")) for a in adapters]
+    scales = [c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]) for c in configs]
+    averaged = {}
+    for key, first in states[0].items():
+        if re.search(r"lora_(embedding_)?A", key):
+            averaged[key] = torch.cat([s[key] for s in states], dim=0).contiguous()
+        elif re.search(r"lora_(embedding_)?B", key):
+            averaged[key] = torch.cat([s[key].float() * scale / n for s, scale in zip(states, scales)],
+                                      dim=1).to(first.dtype).contiguous()
+        else:
+            averaged[key] = torch.stack([s[key].float() for s in states]).mean(0).to(first.dtype).contiguous()
+    rank = int(base["r"]) * n
+    staging = artifacts.staging_dir(target)
+    save_file(averaged, str(staging / "adapter_model.safetensors"))
+    artifacts.write_json(staging / "adapter_config.json",
+                         {**base, "r": rank, "lora_alpha": math.sqrt(rank) if base.get("use_rslora") else rank})
+    artifacts.apply_user_mode(staging)
+    artifacts.replace_dir(staging, target)
