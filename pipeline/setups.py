@@ -19,7 +19,7 @@ EMBED_TEST_ONLY = ("test_adapters",)
 # value a setting is left out of the hashes, so finished work stays valid; any other value is hashed as usual. A value
 # that depends on the group's other settings is a function of them.
 HARD_LABEL_LOSS = "pipeline.llm.losses.HardLabelCrossEntropy"
-ADDED_LATER = {"finetune": {"train": True, "init_adapter": None,
+ADDED_LATER = {"finetune": {"train": True, "init_adapter": None, "teacher": None,
                             "loss": lambda ft: {"_target_": HARD_LABEL_LOSS, "label_smoothing": ft["label_smoothing"]}},
                "embed": {"max_length": None, "lm_features": False, "merge_lora": False},
                "stack": {"pooling": "log_linear", "blend_robust": 0.0, "calibrate": False, "fallback_margin": None}}
@@ -69,22 +69,40 @@ def finetune_setup(cfg: DictConfig) -> dict:
     # A warm start's weights by content (the path alone would not notice the adapter being retrained); absent
     # without one, so experiments made before the setting existed stay current.
     started_from = {"init_adapter": artifacts.file_fingerprint(Path(init) / "adapter_model.safetensors")} if init else {}
-    return {**started_from, **_common_setup(cfg)}
+    # The teachers' weights or stacker by content too (absent without one, as for the warm start).
+    teacher = cfg.finetune.get("teacher")
+    taught_by = {"teacher": [teacher_fingerprint(Path(str(p))) for p in ([teacher] if isinstance(teacher, str)
+                                                                          else teacher)]} if teacher else {}
+    return {**started_from, **taught_by, **_common_setup(cfg)}
+
+
+def teacher_fingerprint(path: Path) -> str:
+    """What a distillation teacher (pipeline/teachers.py) is made of: its stage two's model.json, or its fold
+    adapters' weights."""
+    from pipeline.layout import MODEL_FILE
+
+    files = [path / MODEL_FILE] if path.name == "stack" else \
+        sorted(path.glob("finetune/fold_*/adapter/adapter_model.safetensors"))
+    return artifacts.config_hash([artifacts.file_fingerprint(f) for f in files])
+
+
+# What a finished fold carries in its adapter, so stages that only read it never need it again.
+CARRIED_BY_THE_ADAPTER = ("init_adapter", "teacher")
 
 
 def as_trained(cfg: DictConfig, state: dict) -> DictConfig:
-    """`cfg` with the warm start a finished fold recorded: a stage that only reads the fold (embed, stack, predict,
-    export, the Predictor) never reads the start again (the fold's adapter carries it), so a start moved, deleted
-    or left off the command line blocks nothing."""
-    recorded = (state.get("settings") or {}).get("finetune", {}).get("init_adapter")
-    return OmegaConf.merge(cfg, {"finetune": {"init_adapter": recorded}})
+    """`cfg` with the warm start and the teachers a finished fold recorded: a stage that only reads the fold (embed,
+    stack, predict, export, the Predictor) never reads them again (the fold's adapter carries them), so a start or
+    teacher moved, deleted or left off the command line blocks nothing."""
+    recorded = (state.get("settings") or {}).get("finetune", {})
+    return OmegaConf.merge(cfg, {"finetune": {key: recorded.get(key) for key in CARRIED_BY_THE_ADAPTER}})
 
 
 def finished_fold_setup(cfg: DictConfig, state: dict) -> dict:
     """What a reading stage checks a finished fold against: finetune_setup as the fold was trained (as_trained),
-    with the start's fingerprint as the fold recorded it."""
-    started_from = {"init_adapter": state.get("init_adapter")} if "init_adapter" in state else {}
-    return {**started_from, **_common_setup(as_trained(cfg, state))}
+    with the start's and the teachers' fingerprints as the fold recorded them."""
+    carried = {key: state[key] for key in CARRIED_BY_THE_ADAPTER if key in state}
+    return {**carried, **_common_setup(as_trained(cfg, state))}
 
 
 def _common_setup(cfg: DictConfig) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from pipeline import embed_passes
 from pipeline.feature_table import produced_inputs
@@ -49,6 +49,7 @@ def validate_finetune(ft: DictConfig, n_folds: int, stage: str) -> None:
         require_number(ft.head_learning_rate, "finetune.head_learning_rate", 1e-12)
     require_number(ft.label_smoothing, "finetune.label_smoothing", 0.0, 1.0)
     validate_loss(ft)
+    validate_teacher(ft, stage)
     if ft.max_steps in (None, -1) or ft.max_steps <= 0:
         require_number(ft.epochs, "finetune.epochs", 1e-9)
     if not isinstance(ft.train, bool):
@@ -70,7 +71,7 @@ def validate_loss(ft: DictConfig) -> None:
     """finetune.loss builds a training loss; TrainingArguments' own label smoothing would be ignored beside it."""
     from hydra.errors import InstantiationException
 
-    from pipeline.llm.losses import TrainingLoss
+    from pipeline.llm.losses import TEACHER_PROBS, TrainingLoss
 
     if "label_smoothing_factor" in ft.training_args:
         raise UserError("finetune.training_args.label_smoothing_factor: the loss comes from finetune.loss; set "
@@ -87,6 +88,35 @@ def validate_loss(ft: DictConfig) -> None:
         raise UserError(f"finetune.loss: {target} could not be built: {str(error).splitlines()[-1]}") from None
     if not isinstance(loss, TrainingLoss):
         raise UserError(f"finetune.loss._target_={target} is not a training loss (pipeline.llm.losses.TrainingLoss)")
+    teacher = ft.get("teacher")
+    if TEACHER_PROBS in loss.targets and not teacher:
+        raise UserError(f"finetune.loss={target} trains on a teacher's probabilities: set finetune.teacher=PATH (a "
+                        "finished experiment, or its stage two: outputs/NAME/stack)")
+    if teacher and TEACHER_PROBS not in loss.targets:
+        raise UserError(f"finetune.teacher={teacher} with finetune.loss={target}, which reads no teacher targets: add "
+                        "finetune/loss=distill")
+
+
+def validate_teacher(ft: DictConfig, stage: str) -> None:
+    """finetune.teacher: one path or a list of them, each a finished experiment or its stage two; only for a
+    fold fine-tune that trains (a full-data fit has no fold to keep the teacher's labels out of)."""
+    from pipeline import teachers
+
+    teacher = ft.get("teacher")
+    if teacher is None:
+        return
+    listed = [teacher] if isinstance(teacher, str) else list(teacher) if isinstance(teacher, ListConfig) else None
+    if not listed or not all(isinstance(p, str) and p for p in listed):
+        raise UserError(f"finetune.teacher={teacher}: give a path (outputs/NAME or outputs/NAME/stack) or a list of them")
+    if not ft.train:
+        raise UserError("finetune.teacher with finetune.train=false: the frozen-feature path takes no training step, "
+                        "so nothing would learn from the teacher; drop one of them")
+    if stage == "fit":
+        raise UserError("stage=fit with finetune.teacher: distillation keeps each fold's targets free of that fold's "
+                        "labels, and a full-data fit has no folds; train students with stage=finetune / all")
+    if stage in TRAINS:
+        for path in teachers.teacher_paths(ft):
+            teachers.resolve(path)
 
 
 def validate_lora_layers(ft: DictConfig, depth: int | None = None) -> None:

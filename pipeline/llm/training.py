@@ -11,10 +11,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.llm import modeling, prefix_cache, warm_start
-from pipeline.data import swap_label
+from pipeline.data import swap_label, swap_probabilities
 from pipeline.formatting import EncodedPair
 from pipeline.llm.inference import pad_batch
-from pipeline.llm.losses import HardLabelCrossEntropy, TrainingLoss
+from pipeline.llm.losses import TEACHER_PROBS, HardLabelCrossEntropy, TrainingLoss
+from pipeline.llm.modeling import NUM_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -131,22 +132,33 @@ def pipeline_trainer(head_learning_rate: float | None, tight_length_batches: boo
 
 
 def training_rows(encoded: list[EncodedPair], swapped: list[EncodedPair] | None, labels: np.ndarray,
-                  index: np.ndarray, swap_augmentation: bool) -> list[dict]:
-    """Trainer rows for `index`; with swap augmentation each row also appears A/B-swapped with its label swapped."""
-    rows = [{"input_ids": encoded[i].input_ids, "labels": int(labels[i])} for i in index]
+                  index: np.ndarray, swap_augmentation: bool, teacher_probs: np.ndarray | None = None) -> list[dict]:
+    """Trainer rows for `index`; with swap augmentation each row also appears A/B-swapped with its label swapped.
+    `teacher_probs` (one row per label; finetune.teacher) become each row's soft target, mirrored in a swapped copy."""
+    def row(ids: list[int], label: int, probs: np.ndarray | None) -> dict:
+        return {"input_ids": ids, "labels": label} if probs is None else \
+            {"input_ids": ids, "labels": label, TEACHER_PROBS: probs.tolist()}
+
+    soft = (lambda i: None) if teacher_probs is None else (lambda i: teacher_probs[i])  # noqa: E731
+    rows = [row(encoded[i].input_ids, int(labels[i]), soft(i)) for i in index]
     if swap_augmentation:
-        rows += [{"input_ids": swapped[i].input_ids, "labels": swap_label(labels[i])} for i in index]
+        rows += [row(swapped[i].input_ids, swap_label(labels[i]),
+                     None if teacher_probs is None else swap_probabilities(teacher_probs[i])) for i in index]
     return rows
 
 
-def all_training_rows(tokenizer, frame, model_cfg: DictConfig, swap_augmentation: bool) -> list[dict]:
+def all_training_rows(tokenizer, frame, model_cfg: DictConfig, swap_augmentation: bool,
+                      label_targets: bool = False) -> list[dict]:
     """Every row of a labelled frame as trainer rows (data.extra for each fold; data.train and data.extra for
-    stage=fit), with their swapped copies under swap augmentation."""
+    stage=fit), with their swapped copies under swap augmentation. `label_targets`: rows no teacher labelled give
+    their own label as the soft target (one-hot: the distillation loss's KL term is then their cross-entropy)."""
     from pipeline.formatting import encode_frame
 
     encoded = encode_frame(tokenizer, frame, model_cfg)
     swapped = encode_frame(tokenizer, frame, model_cfg, swap=True) if swap_augmentation else None
-    return training_rows(encoded, swapped, frame["label"].to_numpy(), np.arange(len(encoded)), swap_augmentation)
+    labels = frame["label"].to_numpy()
+    one_hot = np.eye(NUM_LABELS)[labels] if label_targets else None
+    return training_rows(encoded, swapped, labels, np.arange(len(encoded)), swap_augmentation, one_hot)
 
 
 def training_arguments(cfg: DictConfig, output_dir: Path, seed: int, dtype: torch.dtype, on: torch.device):

@@ -66,6 +66,14 @@ class StackData:
     test: PairInputs | None = None
     group_by: str = "prompt"
 
+    def within_training_folds(self, k: int) -> "StackData":
+        """The rows of the folds other than k, those folds renumbered 0..K-2 (no test rows): stage two fitted on it
+        never sees fold k's labels."""
+        index = np.flatnonzero(self.fold_of != k)
+        fold_of = np.unique(self.fold_of[index], return_inverse=True)[1]
+        return StackData(self.pair.take(index), self.labels[index], fold_of, self.groups[index], self.vectors,
+                         None, self.group_by)
+
 
 @dataclass
 class FoldResult:
@@ -165,6 +173,13 @@ def cross_validate(data: StackData, spec: StackSpec, members: list[Member]) -> C
         log.info("stack fold %d: chose %s (inner %s)", k, result.chosen,
                  {n: round(v, 4) for n, v in result.inner_losses.items()})
     return CVResult(oof, np.mean(test_parts, axis=0) if test_parts else None, member_oof, results)
+
+
+def nested_oof(data: StackData, spec: StackSpec, k: int) -> np.ndarray:
+    """Stage two cross-fitted within the training folds of outer fold k: each row of the other folds predicted by
+    the stacker fitted on the remaining ones (rows in train order, fold k's rows left out). Neither the row's own
+    label nor any of fold k's reaches its prediction: a distillation teacher's targets for student fold k."""
+    return cross_validate(data.within_training_folds(k), spec, spec.members).oof
 
 
 @dataclass

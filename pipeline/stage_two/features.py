@@ -69,6 +69,13 @@ class PairInputs:
     rules: np.ndarray | None = None         # (n, 4) see rule_matrix
     vectors: dict[str, np.ndarray] | None = None  # raw embed vectors "{layer}_{span}_{orientation}" (extraction)
 
+    def take(self, index: np.ndarray) -> "PairInputs":
+        """The inputs of rows `index` only."""
+        part = lambda m: None if m is None else m[index]  # noqa: E731
+        return PairInputs(part(self.stats_a), part(self.stats_b), part(self.prompt_chars), part(self.head),
+                          part(self.head_other), part(self.rules),
+                          None if self.vectors is None else {key: m[index] for key, m in self.vectors.items()})
+
     def swapped(self) -> "PairInputs":
         """The same pairs with response_a and response_b exchanged."""
         mirror = lambda p: None if p is None else swap_probabilities(p)  # noqa: E731

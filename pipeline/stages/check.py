@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, context, folds, inputs, validation
+from pipeline import artifacts, context, folds, inputs, teachers, validation
 from pipeline.llm import memory, modeling, warm_start
 from pipeline.data import PairData
 from pipeline.errors import UserError
@@ -107,6 +107,7 @@ def run(cfg: DictConfig) -> dict:
     extra = inputs.load_extra(cfg, train)
     if cfg.finetune.init_adapter:
         warm_start.check_start(cfg, train.frame, ctx.train_path, local_base_model(cfg), scored=True)
+    taught_by = teachers.check(ctx)  # teachers found, sharing this experiment's rows and folds
     tokenizer = cheap_tokenizer(cfg)
     if tokenizer is not None:
         check_lengths(cfg, tokenizer)
@@ -114,6 +115,8 @@ def run(cfg: DictConfig) -> dict:
     metrics["train"]["fold_sizes"] = np.bincount(ctx.fold_of, minlength=ctx.n_folds).astype(int).tolist()
     if extra is not None:
         metrics["extra"] = summarise(extra, tokenizer, cfg.model.max_length)
+    if taught_by:
+        metrics["teachers"] = taught_by
     single = [name for name, n in metrics["train"]["label_counts"].items() if n == len(train.frame)]
     if single:
         log.warning("every one of the %d rows of %s is labelled %r: the model can only learn that prior",

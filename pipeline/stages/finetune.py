@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from pipeline import artifacts, context, dist, embed_passes, feature_table, folds, inputs, layout, locks, setups, validation
+from pipeline import (artifacts, context, dist, embed_passes, feature_table, folds, inputs, layout, locks, setups,
+                      teachers, validation)
 from pipeline.llm import modeling, training, warm_start
 from pipeline.context import RunContext
 from pipeline.data import LABEL_COLUMNS
@@ -49,12 +50,14 @@ def fold_list(cfg: DictConfig) -> list[int]:
     return chosen
 
 
-def extra_training_rows(ctx: RunContext, tokenizer) -> list[dict]:
-    """`data.extra` rows (every fold trains on them; none is ever scored)."""
+def extra_training_rows(ctx: RunContext, tokenizer, label_targets: bool) -> list[dict]:
+    """`data.extra` rows (every fold trains on them; none is ever scored). With a teacher they carry their own label
+    as the soft target: no teacher labelled them."""
     extra = inputs.load_extra(ctx.cfg, ctx.train)
     if extra is None:
         return []
-    return training.all_training_rows(tokenizer, extra.frame, ctx.cfg.model, bool(ctx.cfg.finetune.swap_augmentation))
+    return training.all_training_rows(tokenizer, extra.frame, ctx.cfg.model, bool(ctx.cfg.finetune.swap_augmentation),
+                                      label_targets)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class FinetuneRun:
     embed_setup: dict
     pass_settings: embed_passes.PassSettings
     test_folder: Path | None         # with a test file and embed.test_adapters=each: scored at each fold's end
+    targets: teachers.FoldTargets | None  # finetune.teacher: per fold, soft targets free of that fold's labels
     test_rows: embed_passes.Rows | None = None
 
 
@@ -89,8 +93,7 @@ def setup(cfg: DictConfig) -> FinetuneRun:
     settings = setups.finetune_settings(cfg)
     # Every finished fold must agree with this command line, not only the ones this job trains: folds trained as
     # separate jobs are later read together, and one mistyped job must not be mixed in silently.
-    for k in range(ctx.n_folds):
-        artifacts.check_state(ctx.layout.finetune_fold(k), setup_, HOW_TO_FIX, settings)
+    done = [artifacts.check_state(ctx.layout.finetune_fold(k), setup_, HOW_TO_FIX, settings) for k in range(ctx.n_folds)]
     folds.check_inner_splits(ctx.labels, ctx.groups, ctx.fold_of, int(cfg.stack.inner_folds), int(cfg.seed))
     # One encoding of the train file; the swapped one only when augmentation or swap TTA reads it.
     rows = embed_passes.Rows(encode_frame(tokenizer, ctx.train.frame, cfg.model), None)
@@ -101,10 +104,12 @@ def setup(cfg: DictConfig) -> FinetuneRun:
         scoring_rows = embed_passes.encode_rows(tokenizer, ctx.train.frame, cfg)
     else:
         scoring_rows = rows if cfg.embed.swap_tta else embed_passes.Rows(rows.encoded, None)
+    targets = teachers.load(ctx, [k for k in fold_list(cfg) if not done[k]])
     return FinetuneRun(ctx, source, tokenizer, rows, scoring_rows,
-                       extra_training_rows(ctx, tokenizer), setup_, settings, setups.embed_setup(cfg, setup_),
+                       extra_training_rows(ctx, tokenizer, targets is not None), setup_, settings,
+                       setups.embed_setup(cfg, setup_),
                        embed_passes.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source),
-                       feature_table.test_folder(ctx, setup_) if score_test else None)
+                       feature_table.test_folder(ctx, setup_) if score_test else None, targets)
 
 
 def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
@@ -124,9 +129,12 @@ def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
         artifacts.mark_started(fold_dir, {**run_.setup, "settings": run_.settings})
     train_index = np.flatnonzero(fold_of != k)
     held_out = np.flatnonzero(fold_of == k)
+    soft = run_.targets.by_fold[k] if run_.targets is not None else None
     rows = training.training_rows(run_.rows.encoded, run_.rows.swapped, labels, train_index,
-                         cfg.finetune.swap_augmentation) + run_.extra_rows
+                                  cfg.finetune.swap_augmentation, soft) + run_.extra_rows
     model, stats = train_fold(ctx, k, run_.source, run_.tokenizer, rows)
+    if soft is not None:  # how sure the teachers' in-fold targets are on the rows they trained on
+        stats["teacher_target_logloss"] = logloss(labels[train_index], soft[train_index])
     if ctx.is_main:
         model.save_pretrained(lay.adapter(k))
         artifacts.apply_user_mode(lay.adapter(k))
@@ -203,4 +211,7 @@ def summarise(oof: pd.DataFrame, labels: np.ndarray, fold_of: np.ndarray, states
         "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
         "padding_waste": round(1 - tokens / padded, 4) if padded else 0.0,
         "n_rows": int(len(labels)),
+        # finetune.teacher: per fold, the log loss of the soft targets on the rows the fold trained on
+        **({"teacher_target_logloss": [s["teacher_target_logloss"] for s in stats]}
+           if all("teacher_target_logloss" in s for s in stats) else {}),
     }
