@@ -1,0 +1,236 @@
+"""Teacher -> student (finetune.teacher, finetune/loss=distill): the loss, the targets each fold trains on, and the
+leakage rule, proven by scrambling one fold's labels."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, compose_cfg
+from pipeline import context, inputs, teachers
+from pipeline.data import LABEL_COLUMNS
+from pipeline.errors import UserError
+from pipeline.layout import Layout
+from pipeline.llm import training
+from pipeline.llm.losses import TEACHER_PROBS, Distillation, HardLabelCrossEntropy
+from pipeline.stages import all as all_stage, check, finetune, predict, stack
+
+
+# ------------------------------------------------------------------------------------------------------ the loss
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("num_items", [None, 24])
+def test_distillation_with_weight_one_on_the_hard_label_is_todays_loss_to_the_bit(label_smoothing, num_items):
+    torch.manual_seed(0)
+    logits = torch.randn(12, 3, requires_grad=True)
+    targets = {"labels": torch.randint(0, 3, (12,)), TEACHER_PROBS: torch.softmax(torch.randn(12, 3), -1)}
+    today = HardLabelCrossEntropy(label_smoothing)(logits, targets, num_items)
+    distilled = Distillation(hard_label_weight=1, kl_weight=0, cosine_weight=0,
+                             label_smoothing=label_smoothing)(logits, targets, num_items)
+    assert torch.equal(today, distilled)
+    grad_today, = torch.autograd.grad(today, logits)
+    grad_distilled, = torch.autograd.grad(distilled, logits)
+    assert torch.equal(grad_today, grad_distilled)
+
+
+def test_distillation_terms_are_the_weighted_mean_of_ce_kl_and_cosine():
+    torch.manual_seed(1)
+    logits = torch.randn(8, 3)
+    teacher = torch.softmax(torch.randn(8, 3), -1)
+    labels = torch.randint(0, 3, (8,))
+    targets = {"labels": labels, TEACHER_PROBS: teacher}
+    t = 2.0
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    soft_teacher = torch.softmax(teacher.log() / t, -1)
+    student_t = torch.log_softmax(logits / t, -1)
+    kl = (soft_teacher * (soft_teacher.log() - student_t)).sum(-1).mean()
+    cosine = torch.nn.functional.cosine_similarity(torch.softmax(logits, -1), teacher, dim=-1)
+    expected = (0.5 * ce + 1.0 * t * t * kl + 2.0 * (1 - cosine).mean()) / 3.5
+    loss = Distillation(hard_label_weight=0.5, kl_weight=1.0, cosine_weight=2.0, temperature=t)(logits, targets, None)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # A student that already says what the teacher says pays nothing for the soft terms.
+    same = Distillation(hard_label_weight=0, kl_weight=1, cosine_weight=1)(teacher.log(), targets, None)
+    assert abs(float(same)) < 1e-6
+
+
+@pytest.mark.parametrize("settings", [{"hard_label_weight": -1}, {"kl_weight": 0, "cosine_weight": 0,
+                                                                   "hard_label_weight": 0}, {"temperature": 0}])
+def test_distillation_refuses_weights_or_temperatures_that_mean_nothing(settings):
+    with pytest.raises(ValueError):
+        Distillation(**settings)
+
+
+def test_swapped_training_rows_carry_the_mirrored_teacher_probabilities():
+    """Under swap augmentation a row's A/B-swapped copy trains on the teacher's probabilities mirrored (a <-> b)."""
+    encoded = [type("E", (), {"input_ids": [i, i + 1]})() for i in range(3)]
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]])
+    rows = training.training_rows(encoded, encoded, np.array([0, 1, 2]), np.array([0, 2]), True, probs)
+    assert [r[TEACHER_PROBS] for r in rows] == [[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]]
+    assert [r["labels"] for r in rows] == [0, 2, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------- teacher and student
+def run_teacher(out: Path, cache: Path, name: str, *overrides: str, stage: str = "finetune"):
+    cfg = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={cache}",
+                       f"exp_name={name}", "finetune.learning_rate=5e-3", *overrides])
+    (finetune if stage == "finetune" else all_stage).run(cfg)
+    return cfg
+
+
+def student_cfg(out: Path, cache: Path, name: str, teacher: Path, *overrides: str):
+    return compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={cache}",
+                        f"exp_name={name}", "finetune/loss=distill", f"finetune.teacher={teacher}",
+                        "finetune.learning_rate=5e-3", *overrides])
+
+
+@pytest.fixture(scope="module")
+def llm_teacher(tmp_path_factory, model_cache):
+    out = tmp_path_factory.mktemp("distill")
+    cfg = run_teacher(out, model_cache, "teacher")
+    return out, Path(cfg.paths.exp_dir)
+
+
+def test_soft_targets_are_the_teachers_in_fold_probabilities_of_the_right_fold(llm_teacher, model_cache,
+                                                                               monkeypatch):
+    """Student fold k trains on teacher fold k's in-fold pass over exactly the rows it trains on, and the
+    Trainer receives those targets; no target is made for fold k's own rows, and none is the teacher's OOF."""
+    out, teacher = llm_teacher
+    cfg = student_cfg(out, model_cache, "student_targets", teacher)
+    ctx = context.open_run(cfg, "test")
+    targets = teachers.load(ctx, [0, 1, 2])
+    lay = Layout(teacher)
+    teacher_oof = pd.read_parquet(lay.finetune_oof).set_index("id")
+    for k in range(3):
+        train = ctx.fold_of != k
+        assert np.isnan(targets.by_fold[k][~train]).all()
+        in_fold = list(lay.finetune_fold(k).glob("infold_*.parquet"))
+        assert len(in_fold) == 1
+        kept = pd.read_parquet(in_fold[0]).set_index("id")
+        assert sorted(kept.index) == sorted(ctx.ids[train])  # the teacher fold's training rows, no other
+        np.testing.assert_array_equal(targets.by_fold[k][train], kept.loc[ctx.ids[train], list(LABEL_COLUMNS)])
+        assert not np.allclose(targets.by_fold[k][train], teacher_oof.loc[ctx.ids[train], list(LABEL_COLUMNS)])
+
+    seen = {}
+
+    def record(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir):
+        seen[seed - int(cfg_.seed)] = rows
+        return real(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir)
+
+    real = training.train_adapter
+    monkeypatch.setattr(training, "train_adapter", record)
+    finetune.run(cfg)
+    for k, rows in seen.items():
+        expected = targets.by_fold[k][ctx.fold_of != k]
+        got = np.array([r[TEACHER_PROBS] for r in rows[: len(expected)]])
+        np.testing.assert_array_equal(got, expected)
+
+
+def scrambled_copy(train: Path, fold_of: np.ndarray, k: int, target: Path, seed: int = 0) -> Path:
+    """The train file with fold k's labels permuted among fold k's rows (every other row as it was)."""
+    frame = pd.read_csv(train, dtype=str, keep_default_na=False)
+    rows = np.flatnonzero(fold_of == k)
+    order = np.random.default_rng(seed).permutation(rows)
+    winners = ["winner_model_a", "winner_model_b", "winner_tie"]
+    frame.loc[rows, winners] = frame.loc[order, winners].to_numpy()
+    assert (frame[winners] != pd.read_csv(train, dtype=str, keep_default_na=False)[winners]).any(axis=None)
+    frame.to_csv(target, index=False)
+    return target
+
+
+def fold_oof(exp: Path, k: int) -> pd.DataFrame:
+    return pd.read_parquet(Layout(exp).fold_oof(k))
+
+
+@pytest.mark.parametrize("kind", ["llm", "stage_two"])
+def test_scrambling_fold_k_labels_in_teacher_and_student_leaves_the_students_fold_k_oof_bit_identical(
+        tmp_path, model_cache, kind):
+    """The leakage rule, end to end: permuting fold 0's labels (in the teacher's and the student's train file)
+    cannot change anything student fold 0 learned or scored. The folds of the scrambled runs are the original ones
+    (copied in), so only the labels differ. Fold 1 of the student does change: the scramble was seen elsewhere."""
+    teacher_overrides = ["finetune.train=false", "finetune.head_init=verdict_tokens"] if kind == "stage_two" else []
+    stage = "all" if kind == "stage_two" else "finetune"
+
+    def teacher_and_student(tag: str, train: Path | None, folds: Path | None) -> Path:
+        data = [f"data.train={train}"] if train else []
+        for name in (f"teacher_{tag}", f"student_{tag}"):
+            if folds is not None:
+                (tmp_path / name).mkdir()
+                shutil.copy(folds, tmp_path / name / "folds.parquet")
+        cfg = run_teacher(tmp_path, model_cache, f"teacher_{tag}", *teacher_overrides, *data, stage=stage)
+        teacher = Path(cfg.paths.exp_dir) / ("stack" if kind == "stage_two" else "")
+        student = student_cfg(tmp_path, model_cache, f"student_{tag}", teacher, *data)
+        finetune.run(student)
+        return Path(student.paths.exp_dir)
+
+    original = teacher_and_student("original", None, None)
+    cfg = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"])
+    folds = pd.read_parquet(original / "folds.parquet")
+    train = scrambled_copy(inputs.data_paths(cfg).train, folds["fold"].to_numpy(), 0, tmp_path / "scrambled.csv")
+    scrambled = teacher_and_student("scrambled", train, original / "folds.parquet")
+
+    pd.testing.assert_frame_equal(fold_oof(original, 0), fold_oof(scrambled, 0), check_exact=True)
+    assert not fold_oof(original, 1).equals(fold_oof(scrambled, 1))
+
+
+def test_a_teacher_with_other_folds_or_other_rows_is_refused(llm_teacher, model_cache, tmp_path):
+    out, teacher = llm_teacher
+    for overrides, message in ((["seed=7"], "folds differ"), (["cv.n_folds=2"], "folds differ")):
+        cfg = student_cfg(out, model_cache, f"student_{overrides[0].replace('=', '')}", teacher, *overrides)
+        with pytest.raises(UserError, match=message):
+            check.run(cfg)
+    demo = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={model_cache}"])
+    frame = pd.read_csv(inputs.data_paths(demo).train, dtype=str, keep_default_na=False)
+    changed = frame.copy()
+    changed.loc[0, "response_a"] = '["another answer"]'
+    changed.to_csv(tmp_path / "changed.csv", index=False)
+    with pytest.raises(UserError, match="differ from the teacher's rows"):
+        check.run(student_cfg(out, model_cache, "student_changed", teacher, f"data.train={tmp_path / 'changed.csv'}"))
+    frame.assign(id="new-" + frame["id"]).to_csv(tmp_path / "renamed.csv", index=False)
+    with pytest.raises(UserError, match="not among the teacher's"):
+        check.run(student_cfg(out, model_cache, "student_renamed", teacher, f"data.train={tmp_path / 'renamed.csv'}"))
+
+
+def test_a_fine_tuned_experiments_stage_two_is_refused_as_a_teacher(tiny_experiment, model_cache, tmp_path):
+    _, exp, _ = tiny_experiment
+    cfg = student_cfg(tmp_path, model_cache, "student", exp / "stack")
+    with pytest.raises(UserError, match="reads fine-tuned features"):
+        check.run(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune/loss=distill"], "set finetune.teacher"),
+    (["finetune.teacher=PATH"], "add finetune/loss=distill"),
+    (["finetune/loss=distill", "finetune.teacher=PATH", "finetune.train=false"], "frozen-feature path"),
+    (["finetune/loss=distill", "finetune.teacher=PATH", "stage=fit"], "a full-data fit has no folds"),
+    (["finetune/loss=distill", "finetune.teacher=/nowhere"], "not a finished experiment"),
+])
+def test_teacher_settings_that_cannot_work_fail_at_check(llm_teacher, model_cache, overrides, message):
+    from pipeline import validation
+
+    out, teacher = llm_teacher
+    cfg = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={model_cache}",
+                       *[o.replace("PATH", str(teacher)) for o in overrides]])
+    with pytest.raises(UserError, match=message):
+        validation.validate(cfg)
+
+
+def test_a_finished_student_needs_its_teacher_no_more(tmp_path, model_cache):
+    """Once its folds are trained, a student's embed, stack, predict and Predictor run with the teacher gone."""
+    from pipeline.predictor import Predictor
+
+    teacher_cfg = run_teacher(tmp_path, model_cache, "teacher")
+    teacher = Path(teacher_cfg.paths.exp_dir)
+    cfg = student_cfg(tmp_path, model_cache, "student", teacher)
+    metrics = all_stage.run(cfg)
+    assert metrics["check"]["teachers"] == [{"path": str(teacher), "kind": "llm", "model": "tiny-llama"}]
+    assert len(metrics["finetune"]["teacher_target_logloss"]) == 3
+    shutil.rmtree(teacher)
+    stack.run(cfg)
+    predict.run(compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}",
+                             "exp_name=student", "finetune/loss=distill", "finetune.learning_rate=5e-3",
+                             f"finetune.teacher={teacher}", "stage=predict"]))
+    probs = Predictor.load(Path(cfg.paths.exp_dir)).predict_proba(pd.read_csv(inputs.data_paths(cfg).test).head(3))
+    assert probs.shape == (3, 3)
