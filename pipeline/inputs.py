@@ -46,3 +46,38 @@ def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:
                         "would leak into the out-of-fold scores")
     return extra
 
+
+
+@dataclass
+class Unlabeled:
+    """`data.unlabeled`: rows a teacher labels for each fold (pseudo-labels); `in_test`: ids of those that are also
+    rows of data.test (same id, or the same pair in either A/B order)."""
+
+    path: Path
+    data: PairData
+    in_test: list[str]
+
+
+def load_unlabeled(cfg: DictConfig, train: PairData, test: PairData | None) -> Unlabeled | None:
+    """`data.unlabeled`: rows without labels that only ever join the fine-tune's training sets, with a teacher's
+    probabilities as their target. A row of data.train among them (same id, or the same pair under another id, in
+    either A/B order) would be trained on by the adapter that scores it, so it is refused. A row of data.test is
+    allowed (transductive pseudo-labelling is the user's choice) and reported."""
+    if cfg.data.unlabeled is None:
+        return None
+    path = Path(cfg.data.unlabeled)
+    rows = load_pairs(path, with_labels=False)
+    shared = set(rows.frame["id"]) & set(train.frame["id"])
+    if shared:
+        raise UserError(f"{path}: {len(shared)} ids also in data.train (first {sorted(shared)[0]}); unlabeled rows must "
+                        "be other rows")
+    copies = shared_pairs(rows.frame, train.frame)
+    if copies:
+        raise UserError(f"{path}: {len(copies)} rows are pairs of data.train under other ids (same prompt and "
+                        f"responses, in either A/B order; first ids {', '.join(copies[:3])}); remove them: the fold "
+                        "that scores such a row would have trained on it")
+    in_test = []
+    if test is not None:
+        same_id = set(rows.frame["id"]) & set(test.frame["id"])
+        in_test = sorted(same_id | set(shared_pairs(rows.frame, test.frame)))
+    return Unlabeled(path, rows, in_test)

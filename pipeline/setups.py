@@ -70,9 +70,11 @@ def finetune_setup(cfg: DictConfig) -> dict:
     # without one, so experiments made before the setting existed stay current.
     started_from = {"init_adapter": artifacts.file_fingerprint(Path(init) / "adapter_model.safetensors")} if init else {}
     # The teachers' weights or stacker by content too (absent without one, as for the warm start).
-    teacher = cfg.finetune.get("teacher")
+    teacher, unlabeled = cfg.finetune.get("teacher"), cfg.data.get("unlabeled")
     taught_by = {"teacher": [teacher_fingerprint(Path(str(p))) for p in ([teacher] if isinstance(teacher, str)
                                                                           else teacher)]} if teacher else {}
+    if unlabeled:
+        taught_by["unlabeled"] = artifacts.file_fingerprint(unlabeled)
     return {**started_from, **taught_by, **_common_setup(cfg)}
 
 
@@ -86,8 +88,10 @@ def teacher_fingerprint(path: Path) -> str:
     return artifacts.config_hash([artifacts.file_fingerprint(f) for f in files])
 
 
-# What a finished fold carries in its adapter, so stages that only read it never need it again.
+# What a finished fold carries in its adapter, so stages that only read it never need it again: the finetune
+# settings, and the fingerprints its setup records of them (and of data.unlabeled's pseudo-labelled rows).
 CARRIED_BY_THE_ADAPTER = ("init_adapter", "teacher")
+CARRIED_FINGERPRINTS = (*CARRIED_BY_THE_ADAPTER, "unlabeled")
 
 
 def as_trained(cfg: DictConfig, state: dict) -> DictConfig:
@@ -101,7 +105,7 @@ def as_trained(cfg: DictConfig, state: dict) -> DictConfig:
 def finished_fold_setup(cfg: DictConfig, state: dict) -> dict:
     """What a reading stage checks a finished fold against: finetune_setup as the fold was trained (as_trained),
     with the start's and the teachers' fingerprints as the fold recorded them."""
-    carried = {key: state[key] for key in CARRIED_BY_THE_ADAPTER if key in state}
+    carried = {key: state[key] for key in CARRIED_FINGERPRINTS if key in state}
     return {**carried, **_common_setup(as_trained(cfg, state))}
 
 

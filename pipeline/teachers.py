@@ -19,7 +19,6 @@ fold (checked; refused otherwise). Several teachers are averaged.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +58,8 @@ class TeacherData:
 
 class Teacher:
     """One teacher behind one interface: `fingerprint()` names what it is made of (a retrained teacher changes it),
-    `fold_targets(k)` gives its probabilities for its rows of the folds other than k, from models that never saw
-    fold k's labels (id + the three probability columns)."""
+    `fold_targets(k)` gives its probabilities for its rows of the folds other than k and `unlabeled_targets(k)` for
+    data.unlabeled's rows, both from models that never saw fold k's labels (id + the three probability columns)."""
 
     kind = ""
 
@@ -74,6 +73,10 @@ class Teacher:
         raise NotImplementedError
 
     def fold_targets(self, k: int, data: TeacherData, student_cfg: DictConfig) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def unlabeled_targets(self, k: int, data: TeacherData, unlabeled: inputs.Unlabeled,
+                          student_cfg: DictConfig) -> pd.DataFrame:
         raise NotImplementedError
 
     def cached(self, file: Path, compute) -> pd.DataFrame:
@@ -129,24 +132,35 @@ class LLMTeacher(Teacher):
                             "stage=finetune first")
         return TeacherData(cfg, *teacher_frame(cfg, self.exp))
 
-    def fold_targets(self, k: int, data: TeacherData, student_cfg: DictConfig) -> pd.DataFrame:
-        lay = Layout(self.exp)
-        adapter = lay.adapter(k) / "adapter_model.safetensors"
-        key = artifacts.config_hash({"adapter": artifacts.file_fingerprint(adapter),
-                                     "embed": {name: data.cfg.embed[name] for name in ("max_length", "swap_tta")}})
-        return self.cached(lay.finetune_fold(k) / f"infold_{key}.parquet",
-                           lambda: self.in_fold_pass(k, data, student_cfg))
+    def pass_key(self, k: int, data: TeacherData, *inputs_: Path) -> str:
+        """What a pass of fold k's adapter depends on: its weights, the scoring settings, the rows' file."""
+        adapter = Layout(self.exp).adapter(k) / "adapter_model.safetensors"
+        return artifacts.config_hash({"adapter": artifacts.file_fingerprint(adapter),
+                                      "embed": {name: data.cfg.embed[name] for name in ("max_length", "swap_tta")},
+                                      **({"rows": artifacts.file_fingerprint(inputs_[0])} if inputs_ else {})})
 
-    def in_fold_pass(self, k: int, data: TeacherData, student_cfg: DictConfig) -> pd.DataFrame:
-        """Teacher fold k's adapter over the teacher's rows of the other folds, with the teacher's own model,
-        formatting and scoring length (head probabilities; both orientations with its swap TTA)."""
+    def fold_targets(self, k: int, data: TeacherData, student_cfg: DictConfig) -> pd.DataFrame:
+        index = np.flatnonzero(data.fold_of != k)
+        return self.cached(Layout(self.exp).finetune_fold(k) / f"infold_{self.pass_key(k, data)}.parquet",
+                           lambda: self.fold_pass(k, data, data.frame.iloc[index], student_cfg, "training rows"))
+
+    def unlabeled_targets(self, k: int, data: TeacherData, unlabeled: inputs.Unlabeled,
+                          student_cfg: DictConfig) -> pd.DataFrame:
+        key = self.pass_key(k, data, unlabeled.path)
+        return self.cached(Layout(self.exp).finetune_fold(k) / f"unlabeled_{key}.parquet",
+                           lambda: self.fold_pass(k, data, unlabeled.data.frame, student_cfg, "unlabeled rows"))
+
+    def fold_pass(self, k: int, data: TeacherData, frame: pd.DataFrame, student_cfg: DictConfig,
+                  what: str) -> pd.DataFrame:
+        """Teacher fold k's adapter over `frame` (its own training rows: the in-fold pass; or unlabeled rows), with
+        the teacher's own model, formatting and scoring length (head probabilities; both orientations with its
+        swap TTA)."""
         import torch
 
         from pipeline import embed_passes
         from pipeline.llm import modeling
 
         cfg = data.cfg
-        index = np.flatnonzero(data.fold_of != k)
         on = modeling.device()
         dtype = modeling.compute_dtype(cfg.model.precision, on)
         source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
@@ -155,15 +169,14 @@ class LLMTeacher(Teacher):
         # Only the head is read: no vectors kept beyond the last layer, no LM-head or base-model passes.
         embed = OmegaConf.merge(cfg.embed, {"layers": [1.0], "lm_features": False, "base_vectors": False,
                                             "batch_tokens": student_cfg.embed.batch_tokens})
-        rows = embed_passes.encode_rows(tokenizer, data.frame.iloc[index], cfg)
+        rows = embed_passes.encode_rows(tokenizer, frame, cfg)
         settings = embed_passes.PassSettings(tokenizer.pad_token_id, embed, on, dtype, source)
-        log.info("finetune.teacher: %s fold %d scores its %d training rows (in-fold pass, once)", self.path, k,
-                 len(index))
+        log.info("finetune.teacher: %s fold %d scores %d %s (once)", self.path, k, len(frame), what)
         probs = embed_passes.pass_features(model, rows, settings, desc=f"teacher fold {k}").head_probabilities()
         del model
         if on.type == "cuda":
             torch.cuda.empty_cache()
-        return pd.DataFrame({"id": data.ids[index], **dict(zip(LABEL_COLUMNS, probs.T))})
+        return pd.DataFrame({"id": frame["id"].to_numpy().astype(str), **dict(zip(LABEL_COLUMNS, probs.T))})
 
 
 class StageTwoTeacher(Teacher):
@@ -187,23 +200,51 @@ class StageTwoTeacher(Teacher):
         key = setups.teacher_fingerprint(self.path)
         return self.cached(Layout(self.exp).stack / f"nested_fold_{k}_{key}.parquet", lambda: self.nested(k, data))
 
-    def nested(self, k: int, data: TeacherData) -> pd.DataFrame:
-        from pipeline import context, feature_table
+    def unlabeled_targets(self, k: int, data: TeacherData, unlabeled: inputs.Unlabeled,
+                          student_cfg: DictConfig) -> pd.DataFrame:
+        key = artifacts.config_hash([setups.teacher_fingerprint(self.path), artifacts.file_fingerprint(unlabeled.path)])
+        return self.cached(Layout(self.exp).stack / f"unlabeled_fold_{k}_{key}.parquet",
+                           lambda: self.fitted_on_training_folds(k, data, unlabeled))
+
+    def stack_data(self, data: TeacherData, unlabeled: inputs.Unlabeled | None = None):
+        """The teacher's stage-two inputs (and, with `unlabeled`, those rows' as its test rows: their features are
+        extracted once by the teacher's own passes and kept in its embed folder)."""
+        from pipeline import context, embed_passes, feature_table
         from pipeline.stage_two import cv
         from pipeline.stage_two.design import stacker_inputs
         from pipeline.stage_two.spec import StackSpec
 
-        cfg = data.cfg
+        cfg = data.cfg.copy()
+        cfg.data.test = None if unlabeled is None else str(unlabeled.path)
         spec = StackSpec.from_config(cfg.stack, cfg.seed)
-        with tempfile.TemporaryDirectory(prefix="teacher_") as scratch:  # the run context's manifest goes here
-            ctx = context.open_run(cfg, "teacher", out_root=Path(scratch))
-            state = feature_table.finetune_fold_states(ctx)[0]
-            features = feature_table.oof_features(ctx, state)
-        stack_data = cv.StackData(stacker_inputs(ctx.train.frame, features), ctx.labels, ctx.fold_of, ctx.groups,
-                                  spec.vectors.settings(features.vectors), None, str(cfg.cv.group_by))
+        # Nothing recorded in the teacher's folder but the unlabeled rows' features, kept in its embed folder.
+        ctx = context.open_run(cfg, "teacher", record=False)
+        state = feature_table.finetune_fold_states(ctx)[0]
+        features = feature_table.oof_features(ctx, state)
+        test = None
+        if unlabeled is not None:
+            embed_passes.ensure_test_features(ctx)
+            test = stacker_inputs(ctx.test.frame, feature_table.test_features(ctx, state))
+        return spec, ctx, cv.StackData(stacker_inputs(ctx.train.frame, features), ctx.labels, ctx.fold_of, ctx.groups,
+                                       spec.vectors.settings(features.vectors), test, str(cfg.cv.group_by))
+
+    def nested(self, k: int, data: TeacherData) -> pd.DataFrame:
+        from pipeline.stage_two import cv
+
+        spec, ctx, stack_data = self.stack_data(data)
         log.info("finetune.teacher: %s cross-fitted within the training folds of fold %d (once)", self.path, k)
         probs = cv.nested_oof(stack_data, spec, k)
         return pd.DataFrame({"id": ctx.ids[ctx.fold_of != k], **dict(zip(LABEL_COLUMNS, probs.T))})
+
+    def fitted_on_training_folds(self, k: int, data: TeacherData, unlabeled: inputs.Unlabeled) -> pd.DataFrame:
+        """Stage two fitted on the folds other than k (as for the teacher's own fold k) predicting the unlabeled
+        rows."""
+        from pipeline.stage_two import cv
+
+        spec, ctx, stack_data = self.stack_data(data, unlabeled)
+        log.info("finetune.teacher: %s fold %d labels %d unlabeled rows (once)", self.path, k, len(ctx.test.frame))
+        probs = cv.fit_fold(stack_data, spec, spec.members, k).test_probs
+        return pd.DataFrame({"id": ctx.test.frame["id"].to_numpy().astype(str), **dict(zip(LABEL_COLUMNS, probs.T))})
 
 
 def resolve(path: Path) -> Teacher:
@@ -244,16 +285,20 @@ class FoldTargets:
 
     by_fold: dict[int, np.ndarray]
     teachers: list[str]
+    unlabeled: inputs.Unlabeled | None = None
+    unlabeled_by_fold: dict[int, np.ndarray] | None = None  # per fold, data.unlabeled's rows' targets (file order)
 
 
-def load(ctx: RunContext, fold_list: list[int]) -> FoldTargets | None:
-    """The targets each fold in `fold_list` trains on (None without finetune.teacher)."""
+def load(ctx: RunContext, fold_list: list[int], unlabeled: inputs.Unlabeled | None = None) -> FoldTargets | None:
+    """The targets each fold in `fold_list` trains on, and with `unlabeled` those rows' targets per fold (None
+    without finetune.teacher)."""
     paths = teacher_paths(ctx.cfg.finetune)
     if not paths:
         return None
     cache_dir = str(ctx.cfg.paths.model_cache_dir)
-    by_fold = {k: np.where((ctx.fold_of == k)[:, None], np.nan, np.zeros((len(ctx.ids), len(LABEL_COLUMNS))))
-               for k in fold_list}
+    width = len(LABEL_COLUMNS)
+    by_fold = {k: np.where((ctx.fold_of == k)[:, None], np.nan, np.zeros((len(ctx.ids), width))) for k in fold_list}
+    pseudo = None if unlabeled is None else {k: np.zeros((len(unlabeled.data.frame), width)) for k in fold_list}
     for path in paths:
         teacher = resolve(path)
         data = teacher.data(cache_dir)
@@ -262,7 +307,11 @@ def load(ctx: RunContext, fold_list: list[int]) -> FoldTargets | None:
             frame = teacher.fold_targets(k, data, ctx.cfg).set_index("id")
             train = ctx.fold_of != k
             by_fold[k][train] += frame.loc[ctx.ids[train], list(LABEL_COLUMNS)].to_numpy() / len(paths)
-    return FoldTargets(by_fold, [str(p) for p in paths])
+            if unlabeled is not None:
+                frame = teacher.unlabeled_targets(k, data, unlabeled, ctx.cfg).set_index("id")
+                ids = unlabeled.data.frame["id"].to_numpy().astype(str)
+                pseudo[k] += frame.loc[ids, list(LABEL_COLUMNS)].to_numpy() / len(paths)
+    return FoldTargets(by_fold, [str(p) for p in paths], unlabeled, pseudo)
 
 
 def check(ctx: RunContext) -> list[dict]:

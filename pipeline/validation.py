@@ -160,6 +160,9 @@ def validate(cfg: DictConfig) -> None:
     require_int(cfg.seed, "seed", 0)
     validate_model(cfg.model, cfg.stage in LOADS_MODEL)
     validate_finetune(cfg.finetune, n_folds, cfg.stage)
+    if cfg.data.get("unlabeled") is not None and not cfg.finetune.get("teacher"):
+        raise UserError(f"data.unlabeled={cfg.data.unlabeled}: unlabeled rows train only on a teacher's probabilities; "
+                        "set finetune.teacher=PATH and finetune/loss=distill")
     embed_passes.validate(cfg.embed)
     if cfg.embed.test_adapters == "averaged" and cfg.finetune.lora.get("use_dora"):
         raise UserError("embed.test_adapters=averaged with finetune.lora.use_dora=true: DoRA adapters cannot be "

@@ -56,6 +56,25 @@ def test_distillation_terms_are_the_weighted_mean_of_ce_kl_and_cosine():
     assert abs(float(same)) < 1e-6
 
 
+def test_pseudo_labelled_rows_train_only_through_the_teachers_probabilities():
+    """Rows without a label (NO_LABEL) add nothing to the cross-entropy but weigh as much as any row in the batch
+    mean; a batch of them alone is the soft terms only."""
+    torch.manual_seed(2)
+    logits = torch.randn(6, 3, requires_grad=True)
+    teacher = torch.softmax(torch.randn(6, 3), -1)
+    labels = torch.tensor([0, 1, -1, 2, -1, -1])
+    loss = Distillation(hard_label_weight=1, kl_weight=0, cosine_weight=0)
+    mixed = loss(logits, {"labels": labels, TEACHER_PROBS: teacher}, None)
+    labelled = labels >= 0
+    expected = torch.nn.functional.cross_entropy(logits[labelled], labels[labelled]) * 3 / 6
+    assert torch.allclose(mixed, expected)
+    soft_only = Distillation(hard_label_weight=0.5, kl_weight=1, cosine_weight=1)
+    unlabelled = soft_only(logits, {"labels": torch.full((6,), -1), TEACHER_PROBS: teacher}, None)
+    no_hard = Distillation(hard_label_weight=0, kl_weight=1, cosine_weight=1)
+    assert torch.allclose(unlabelled * 2.5, no_hard(logits, {"labels": labels, TEACHER_PROBS: teacher}, None) * 2)
+    torch.autograd.grad(unlabelled, logits)  # differentiable with no label in the batch
+
+
 @pytest.mark.parametrize("settings", [{"hard_label_weight": -1}, {"kl_weight": 0, "cosine_weight": 0,
                                                                    "hard_label_weight": 0}, {"temperature": 0}])
 def test_distillation_refuses_weights_or_temperatures_that_mean_nothing(settings):
@@ -128,6 +147,61 @@ def test_soft_targets_are_the_teachers_in_fold_probabilities_of_the_right_fold(l
         np.testing.assert_array_equal(got, expected)
 
 
+def unlabeled_file(cfg, target: Path) -> Path:
+    """The demo test rows that are not pairs of the demo train file: rows a teacher may label for the student."""
+    from pipeline.data import load_pairs, shared_pairs
+
+    paths = inputs.data_paths(cfg)
+    train, test = load_pairs(paths.train, with_labels=True).frame, load_pairs(paths.test, with_labels=False).frame
+    raw = pd.read_csv(paths.test, dtype=str, keep_default_na=False)
+    raw[~raw["id"].isin(shared_pairs(test, train))].to_csv(target, index=False)
+    return target
+
+
+def test_pseudo_labels_join_each_fold_with_that_folds_teacher_targets_and_are_never_scored(llm_teacher, model_cache,
+                                                                                            monkeypatch):
+    out, teacher = llm_teacher
+    demo = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={model_cache}"])
+    unlabeled = unlabeled_file(demo, out / "unlabeled.csv")
+    n_unlabeled = len(pd.read_csv(unlabeled))
+    cfg = student_cfg(out, model_cache, "student_pseudo", teacher, f"data.unlabeled={unlabeled}")
+    checked = check.run(cfg)
+    assert checked["unlabeled"]["n_rows"] == n_unlabeled
+    assert checked["unlabeled"]["rows_in_test"] == n_unlabeled  # they are demo test rows: said, not refused
+    seen = {}
+    real = training.train_adapter
+
+    def record(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir):
+        seen[seed - int(cfg_.seed)] = rows
+        return real(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir)
+
+    monkeypatch.setattr(training, "train_adapter", record)
+    finetune.run(cfg)
+    ids = pd.read_csv(unlabeled, dtype=str)["id"]
+    for k, rows in seen.items():
+        pseudo = [r for r in rows if r["labels"] == -1]
+        assert len(pseudo) == n_unlabeled * (2 if cfg.finetune.swap_augmentation else 1)
+        kept = pd.read_parquet(next(Layout(teacher).finetune_fold(k).glob("unlabeled_*.parquet"))).set_index("id")
+        np.testing.assert_array_equal(np.array([r[TEACHER_PROBS] for r in pseudo[:n_unlabeled]]),
+                                      kept.loc[ids, list(LABEL_COLUMNS)].to_numpy())
+    exp = Path(cfg.paths.exp_dir)
+    oof = pd.read_parquet(Layout(exp).finetune_oof)
+    assert not set(oof["id"]) & set(ids)
+    assert len(oof) == len(pd.read_csv(inputs.data_paths(cfg).train))
+
+
+def test_unlabeled_rows_that_repeat_train_rows_are_refused(llm_teacher, model_cache, tmp_path):
+    out, teacher = llm_teacher
+    demo = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={out}", f"paths.model_cache_dir={model_cache}"])
+    train = pd.read_csv(inputs.data_paths(demo).train, dtype=str, keep_default_na=False)
+    copy = train.head(2).drop(columns=["winner_model_a", "winner_model_b", "winner_tie"])
+    copy.assign(id="copy-" + copy["id"]).to_csv(tmp_path / "copies.csv", index=False)
+    copy.to_csv(tmp_path / "same_ids.csv", index=False)
+    for name, message in (("copies.csv", "pairs of data.train under other ids"), ("same_ids.csv", "ids also in")):
+        with pytest.raises(UserError, match=message):
+            check.run(student_cfg(out, model_cache, "student_copies", teacher, f"data.unlabeled={tmp_path / name}"))
+
+
 def scrambled_copy(train: Path, fold_of: np.ndarray, k: int, target: Path, seed: int = 0) -> Path:
     """The train file with fold k's labels permuted among fold k's rows (every other row as it was)."""
     frame = pd.read_csv(train, dtype=str, keep_default_na=False)
@@ -148,10 +222,13 @@ def fold_oof(exp: Path, k: int) -> pd.DataFrame:
 def test_scrambling_fold_k_labels_in_teacher_and_student_leaves_the_students_fold_k_oof_bit_identical(
         tmp_path, model_cache, kind):
     """The leakage rule, end to end: permuting fold 0's labels (in the teacher's and the student's train file)
-    cannot change anything student fold 0 learned or scored. The folds of the scrambled runs are the original ones
+    cannot change anything student fold 0 learned (pseudo-labelled rows included) or scored. The folds of the scrambled runs are the original ones
     (copied in), so only the labels differ. Fold 1 of the student does change: the scramble was seen elsewhere."""
     teacher_overrides = ["finetune.train=false", "finetune.head_init=verdict_tokens"] if kind == "stage_two" else []
     stage = "all" if kind == "stage_two" else "finetune"
+
+    cfg = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"])
+    unlabeled = unlabeled_file(cfg, tmp_path / "unlabeled.csv")
 
     def teacher_and_student(tag: str, train: Path | None, folds: Path | None) -> Path:
         data = [f"data.train={train}"] if train else []
@@ -161,12 +238,11 @@ def test_scrambling_fold_k_labels_in_teacher_and_student_leaves_the_students_fol
                 shutil.copy(folds, tmp_path / name / "folds.parquet")
         cfg = run_teacher(tmp_path, model_cache, f"teacher_{tag}", *teacher_overrides, *data, stage=stage)
         teacher = Path(cfg.paths.exp_dir) / ("stack" if kind == "stage_two" else "")
-        student = student_cfg(tmp_path, model_cache, f"student_{tag}", teacher, *data)
+        student = student_cfg(tmp_path, model_cache, f"student_{tag}", teacher, *data, f"data.unlabeled={unlabeled}")
         finetune.run(student)
         return Path(student.paths.exp_dir)
 
     original = teacher_and_student("original", None, None)
-    cfg = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"])
     folds = pd.read_parquet(original / "folds.parquet")
     train = scrambled_copy(inputs.data_paths(cfg).train, folds["fold"].to_numpy(), 0, tmp_path / "scrambled.csv")
     scrambled = teacher_and_student("scrambled", train, original / "folds.parquet")

@@ -74,7 +74,7 @@ class Distillation(TrainingLoss):
         total = self.hard_label_weight + self.kl_weight + self.cosine_weight
         terms = []
         if self.hard_label_weight:
-            terms.append(self.hard_label_weight * self.hard_label(logits, targets, num_items_in_batch))
+            terms.append(self.hard_label_weight * self.hard_label_term(logits, targets, num_items_in_batch))
         teacher = targets[TEACHER_PROBS].to(logits.device, torch.float32).view(logits.shape[0], -1)
         student = logits.float().view(teacher.shape)
         if self.kl_weight:
@@ -91,3 +91,15 @@ class Distillation(TrainingLoss):
         for term in terms[1:]:
             loss = loss + term
         return loss if total == 1 else loss / total
+
+    def hard_label_term(self, logits, targets, num_items_in_batch):
+        """The cross-entropy on the verdict; pseudo-labelled rows (label NO_LABEL: data.unlabeled) add nothing to
+        it but still count in the batch mean, so every row weighs the same in every term."""
+        labels = targets["labels"].to(logits.device).view(-1)
+        labelled = labels >= 0
+        if bool(labelled.all()):
+            return self.hard_label(logits, targets, num_items_in_batch)  # the exact numbers of a plain batch
+        if not bool(labelled.any()):
+            return logits.sum() * 0.0
+        part = self.hard_label(logits.view(labels.shape[0], -1)[labelled], {"labels": labels[labelled]}, None)
+        return part * labelled.sum() / labels.shape[0]

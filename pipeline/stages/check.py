@@ -108,6 +108,11 @@ def run(cfg: DictConfig) -> dict:
     if cfg.finetune.init_adapter:
         warm_start.check_start(cfg, train.frame, ctx.train_path, local_base_model(cfg), scored=True)
     taught_by = teachers.check(ctx)  # teachers found, sharing this experiment's rows and folds
+    unlabeled = inputs.load_unlabeled(cfg, train, test)
+    if unlabeled is not None and unlabeled.in_test:
+        log.warning("%s: %d rows are also rows of data.test (first ids %s): the teacher's probabilities for them "
+                    "train the student (transductive pseudo-labelling)", unlabeled.path, len(unlabeled.in_test),
+                    ", ".join(unlabeled.in_test[:3]))
     tokenizer = cheap_tokenizer(cfg)
     if tokenizer is not None:
         check_lengths(cfg, tokenizer)
@@ -117,6 +122,9 @@ def run(cfg: DictConfig) -> dict:
         metrics["extra"] = summarise(extra, tokenizer, cfg.model.max_length)
     if taught_by:
         metrics["teachers"] = taught_by
+    if unlabeled is not None:
+        metrics["unlabeled"] = summarise(unlabeled.data, tokenizer, cfg.model.max_length)
+        metrics["unlabeled"]["rows_in_test"] = len(unlabeled.in_test)
     single = [name for name, n in metrics["train"]["label_counts"].items() if n == len(train.frame)]
     if single:
         log.warning("every one of the %d rows of %s is labelled %r: the model can only learn that prior",
@@ -133,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
     if plan is not None:
         metrics["gpu_memory"] = plan.as_dict()
         print(plan.table())
-    for split, summary in ((k, v) for k, v in metrics.items() if k in ("train", "test", "extra")):
+    for split, summary in ((k, v) for k, v in metrics.items() if k in ("train", "test", "extra", "unlabeled")):
         line = f"check {split}: {summary['n_rows']} rows, {summary['n_repaired']} repaired {summary['repairs']}"
         if "label_counts" in summary:
             line += f", labels {summary['label_counts']}"

@@ -24,7 +24,7 @@ from pipeline import (artifacts, context, dist, embed_passes, feature_table, fol
                       teachers, validation)
 from pipeline.llm import modeling, training, warm_start
 from pipeline.context import RunContext
-from pipeline.data import LABEL_COLUMNS
+from pipeline.data import LABEL_COLUMNS, NO_LABEL
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame
 from pipeline.layout import FinetuneFoldRecord
@@ -60,6 +60,16 @@ def extra_training_rows(ctx: RunContext, tokenizer, label_targets: bool) -> list
                                       label_targets)
 
 
+def pseudo_labelled_rows(run_: "FinetuneRun", k: int) -> list[dict]:
+    """data.unlabeled's rows for fold k: no label, teacher fold k's probabilities as their only target."""
+    if run_.pseudo_rows is None:
+        return []
+    n = len(run_.pseudo_rows)
+    return training.training_rows(run_.pseudo_rows.encoded, run_.pseudo_rows.swapped, np.full(n, NO_LABEL),
+                                  np.arange(n), run_.ctx.cfg.finetune.swap_augmentation,
+                                  run_.targets.unlabeled_by_fold[k])
+
+
 @dataclass
 class FinetuneRun:
     """What every fold of one fine-tune run shares: the encoded rows, the setup folds are checked against, the
@@ -77,6 +87,7 @@ class FinetuneRun:
     pass_settings: embed_passes.PassSettings
     test_folder: Path | None         # with a test file and embed.test_adapters=each: scored at each fold's end
     targets: teachers.FoldTargets | None  # finetune.teacher: per fold, soft targets free of that fold's labels
+    pseudo_rows: embed_passes.Rows | None  # data.unlabeled, encoded (+ swapped with augmentation)
     test_rows: embed_passes.Rows | None = None
 
 
@@ -104,12 +115,19 @@ def setup(cfg: DictConfig) -> FinetuneRun:
         scoring_rows = embed_passes.encode_rows(tokenizer, ctx.train.frame, cfg)
     else:
         scoring_rows = rows if cfg.embed.swap_tta else embed_passes.Rows(rows.encoded, None)
-    targets = teachers.load(ctx, [k for k in fold_list(cfg) if not done[k]])
+    unlabeled = inputs.load_unlabeled(cfg, ctx.train, ctx.test)
+    targets = teachers.load(ctx, [k for k in fold_list(cfg) if not done[k]], unlabeled)
+    pseudo_rows = None
+    if unlabeled is not None:
+        frame = unlabeled.data.frame
+        pseudo_rows = embed_passes.Rows(encode_frame(tokenizer, frame, cfg.model),
+                                        encode_frame(tokenizer, frame, cfg.model, swap=True)
+                                        if cfg.finetune.swap_augmentation else None)
     return FinetuneRun(ctx, source, tokenizer, rows, scoring_rows,
                        extra_training_rows(ctx, tokenizer, targets is not None), setup_, settings,
                        setups.embed_setup(cfg, setup_),
                        embed_passes.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source),
-                       feature_table.test_folder(ctx, setup_) if score_test else None, targets)
+                       feature_table.test_folder(ctx, setup_) if score_test else None, targets, pseudo_rows)
 
 
 def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
@@ -131,7 +149,7 @@ def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
     held_out = np.flatnonzero(fold_of == k)
     soft = run_.targets.by_fold[k] if run_.targets is not None else None
     rows = training.training_rows(run_.rows.encoded, run_.rows.swapped, labels, train_index,
-                                  cfg.finetune.swap_augmentation, soft) + run_.extra_rows
+                                  cfg.finetune.swap_augmentation, soft) + run_.extra_rows + pseudo_labelled_rows(run_, k)
     model, stats = train_fold(ctx, k, run_.source, run_.tokenizer, rows)
     if soft is not None:  # how sure the teachers' in-fold targets are on the rows they trained on
         stats["teacher_target_logloss"] = logloss(labels[train_index], soft[train_index])
