@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from pipeline import artifacts, dist, folds, inputs
 from pipeline.data import PairData, load_pairs
 from pipeline.errors import UserError
+from pipeline.formatting import check_model_names
 from pipeline.layout import Layout
 
 if TYPE_CHECKING:
@@ -112,6 +113,9 @@ def open_run(cfg: DictConfig, stage: str, out_root: Path | None = None, record: 
     paths = inputs.data_paths(cfg)
     train = read_pairs(paths.train, with_labels=True)
     test = read_pairs(paths.test, with_labels=False) if paths.test is not None else None
+    if cfg.model.get("show_model_names"):
+        for data in (train, test) if test is not None else (train,):
+            check_model_names(data.frame, data.source)
     fold_of = folds.load_or_create(layout.root, train.frame, cfg.cv.n_folds, cfg.seed, cfg.cv.group_by)
     if record:
         artifacts.write_manifest(out.root, cfg, stage)

@@ -100,18 +100,32 @@ def assemble(marker_ids: Sequence[Sequence[int]], prompt_ids: Sequence[int], a_i
     return EncodedPair(ids, spans[1], spans[2], n_truncated=sum(lengths) - sum(budgets), span_prompt=spans[0])
 
 
+def named_markers(model_a: str, model_b: str) -> tuple[str, str]:
+    """The response markers naming each response's model (model.show_model_names): never truncated, outside the
+    response spans."""
+    return (MARKERS[1].replace("Response A", f"Response A (by {model_a})"),
+            MARKERS[2].replace("Response B", f"Response B (by {model_b})"))
+
+
 def encode_pairs(tokenize: Callable[[list[str]], list[list[int]]], prompts: Sequence[Sequence[str]],
                  responses_a: Sequence[Sequence[str]], responses_b: Sequence[Sequence[str]], max_length: int,
                  prompt_max_fraction: float, truncation_side: str, prefix_ids: Sequence[int] = (),
-                 length_key: str = "model.max_length") -> list[EncodedPair]:
+                 length_key: str = "model.max_length",
+                 model_names: tuple[Sequence[str], Sequence[str]] | None = None) -> list[EncodedPair]:
     """Encode many rows. `tokenize` maps texts to token ids without special tokens (batched for speed);
-    `prefix_ids` start every sequence (see leading_special_ids)."""
+    `prefix_ids` start every sequence (see leading_special_ids); `model_names` (names of A's and B's models per
+    row) go into the response markers."""
     marker_ids = tokenize(list(MARKERS))
     n = len(prompts)
     texts = [segment_text(t) for t in prompts] + [segment_text(t) for t in responses_a] + \
         [segment_text(t) for t in responses_b]
     ids = tokenize(texts)
-    return [assemble(marker_ids, ids[i], ids[n + i], ids[2 * n + i], max_length, prompt_max_fraction,
+    markers = [marker_ids] * n
+    if model_names is not None:
+        named = [named_markers(a, b) for a, b in zip(*model_names)]
+        named_ids = tokenize([m for pair in named for m in pair])
+        markers = [[marker_ids[0], named_ids[2 * i], named_ids[2 * i + 1], marker_ids[3]] for i in range(n)]
+    return [assemble(markers[i], ids[i], ids[n + i], ids[2 * n + i], max_length, prompt_max_fraction,
                      truncation_side, prefix_ids, length_key) for i in range(n)]
 
 
@@ -140,10 +154,27 @@ def encode_frame(tokenizer, frame, model_cfg, swap: bool = False, max_length: in
     """Encode tidy rows (see pipeline.data) with the model's formatting settings; `swap` exchanges A and B;
     `max_length` replaces model.max_length (the scoring passes' own length, embed.max_length)."""
     first, second = ("response_b", "response_a") if swap else ("response_a", "response_b")
+    names = None
+    if model_cfg.get("show_model_names"):
+        check_model_names(frame, "the rows to score")
+        name_first, name_second = ("model_b", "model_a") if swap else ("model_a", "model_b")
+        names = (list(frame[name_first]), list(frame[name_second]))
     return encode_pairs(tokenizer_fn(tokenizer), list(frame["prompt"]), list(frame[first]), list(frame[second]),
                         int(max_length or model_cfg.max_length), model_cfg.prompt_max_fraction,
                         model_cfg.truncation_side, leading_special_ids(tokenizer),
-                        "embed.max_length" if max_length else "model.max_length")
+                        "embed.max_length" if max_length else "model.max_length", names)
+
+
+MODEL_NAME_COLUMNS = ("model_a", "model_b")
+
+
+def check_model_names(frame, source: str) -> None:
+    """model.show_model_names=true formats every row with its models' names: rows without them cannot be scored."""
+    missing = [c for c in MODEL_NAME_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{source}: no {' / '.join(missing)} column, and this model was made with "
+                        "model.show_model_names=true (its formatting names each response's model); such an experiment "
+                        "can only score rows that name their models, e.g. a teacher's train rows")
 
 
 def template_tokens(tokenizer) -> int:

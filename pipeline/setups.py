@@ -22,6 +22,7 @@ HARD_LABEL_LOSS = "pipeline.llm.losses.HardLabelCrossEntropy"
 ADDED_LATER = {"finetune": {"train": True, "init_adapter": None, "teacher": None,
                             "loss": lambda ft: {"_target_": HARD_LABEL_LOSS, "label_smoothing": ft["label_smoothing"]}},
                "embed": {"max_length": None, "lm_features": False, "merge_lora": False},
+               "model": {"show_model_names": False},
                "stack": {"pooling": "log_linear", "blend_robust": 0.0, "calibrate": False, "fallback_margin": None}}
 # The same for each stack member's settings (stack.members.<name>.<key>).
 MEMBER_ADDED_LATER = {"clip": False}
@@ -57,7 +58,7 @@ def _learned(cfg: DictConfig, group: str, operational: tuple[str, ...]) -> dict:
 def finetune_settings(cfg: DictConfig) -> dict:
     """The model, formatting and fine-tune settings a fold's adapter depends on (hashed into its setup; recorded
     beside it so a mismatch can be told key by key)."""
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+    return {"model": _learned(cfg, "model", ()),
             "finetune": _learned(cfg, "finetune", FINETUNE_OPERATIONAL), "cv_group_by": cfg.cv.group_by}
 
 
@@ -118,7 +119,7 @@ def _common_setup(cfg: DictConfig) -> dict:
             "base_model": modeling.base_model_fingerprint(modeling.base_model_dir(cfg.model,
                                                                                   cfg.paths.model_cache_dir)),
             # The hash input is kept as it always was, so finished experiments stay valid.
-            "config_hash": artifacts.config_hash({"model": cfg.model,
+            "config_hash": artifacts.config_hash({"model": _learned(cfg, "model", ()),
                                                   "finetune": _learned(cfg, "finetune", FINETUNE_OPERATIONAL),
                                                   "cv_group_by": cfg.cv.group_by})}
 
@@ -143,7 +144,7 @@ def test_setup(cfg: DictConfig, finetune_state: dict) -> dict:
 
 def stack_setup(cfg: DictConfig) -> dict:
     """Every setting that decides what the stacker learned from; stage=predict must run with the same."""
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+    return {"model": _learned(cfg, "model", ()),
             "embed": _learned(cfg, "embed", EMBED_OPERATIONAL + EMBED_TEST_ONLY),
             "cv": OmegaConf.to_container(cfg.cv, resolve=True), "seed": int(cfg.seed),
             "data": artifacts.file_fingerprint(inputs.data_paths(cfg).train)}

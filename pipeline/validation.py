@@ -26,6 +26,8 @@ def validate_model(model_cfg: DictConfig, loads_model: bool = True) -> None:
         raise UserError(f"model.precision={model_cfg.precision}: use auto, bf16, fp16 or fp32")
     require_int(model_cfg.max_length, "model.max_length", 16)
     require_number(model_cfg.prompt_max_fraction, "model.prompt_max_fraction", 0.0, 1.0)
+    if not isinstance(model_cfg.get("show_model_names", False), bool):
+        raise UserError(f"model.show_model_names={model_cfg.show_model_names}: use true or false")
     if model_cfg.truncation_side not in TRUNCATION_SIDES:
         raise UserError(f"model.truncation_side={model_cfg.truncation_side}: use one of {', '.join(TRUNCATION_SIDES)}")
     if model_cfg.path:
@@ -41,7 +43,7 @@ def validate_model(model_cfg: DictConfig, loads_model: bool = True) -> None:
 TRAINS = ("check", "finetune", "all", "fit")
 
 
-def validate_finetune(ft: DictConfig, n_folds: int, stage: str) -> None:
+def validate_finetune(ft: DictConfig, n_folds: int, stage: str, model_names: bool = False) -> None:
     require_int(ft.per_device_batch_size, "finetune.per_device_batch_size", 1)
     require_int(ft.gradient_accumulation_steps, "finetune.gradient_accumulation_steps", 1)
     require_number(ft.learning_rate, "finetune.learning_rate", 1e-12)
@@ -54,6 +56,9 @@ def validate_finetune(ft: DictConfig, n_folds: int, stage: str) -> None:
         require_number(ft.epochs, "finetune.epochs", 1e-9)
     if not isinstance(ft.train, bool):
         raise UserError(f"finetune.train={ft.train}: use true (fine-tune) or false (the frozen-feature path)")
+    if ft.get("teacher") and model_names:
+        raise UserError("finetune.teacher with model.show_model_names=true: a student never sees the model names (the "
+                        "rows it will score have none); show them to the teacher only")
     if ft.init_adapter and stage in TRAINS:
         warm_start.check_init_adapter(Path(str(ft.init_adapter)), ft.lora)
     if stage == "fit" and not ft.train:
@@ -159,7 +164,7 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"cv.group_by={cfg.cv.group_by}: use prompt or the name of a column of the train file")
     require_int(cfg.seed, "seed", 0)
     validate_model(cfg.model, cfg.stage in LOADS_MODEL)
-    validate_finetune(cfg.finetune, n_folds, cfg.stage)
+    validate_finetune(cfg.finetune, n_folds, cfg.stage, bool(cfg.model.get("show_model_names")))
     if cfg.data.get("unlabeled") is not None and not cfg.finetune.get("teacher"):
         raise UserError(f"data.unlabeled={cfg.data.unlabeled}: unlabeled rows train only on a teacher's probabilities; "
                         "set finetune.teacher=PATH and finetune/loss=distill")

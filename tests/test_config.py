@@ -35,7 +35,7 @@ def file_settings(group: str, option: str) -> tuple[dict[str, object], list[str]
     defaults list makes (e.g. model=tiny, or experiment=shared_ties for an experiment built on another)."""
     raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
     defaults = raw.pop("defaults", []) or []
-    overrides = [f"{k.split('/')[-1]}={v}" for d in defaults if isinstance(d, dict) for k, v in d.items()
+    overrides = [f"{k.removeprefix('override /')}={v}" for d in defaults if isinstance(d, dict) for k, v in d.items()
                  if k.startswith("override /")]
     overrides += [f"{group}={d}" for d in defaults if isinstance(d, str) and d != "_self_"]
     prefix = "" if group == "experiment" else f"{group}."

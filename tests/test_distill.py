@@ -310,3 +310,46 @@ def test_a_finished_student_needs_its_teacher_no_more(tmp_path, model_cache):
                              f"finetune.teacher={teacher}", "stage=predict"]))
     probs = Predictor.load(Path(cfg.paths.exp_dir)).predict_proba(pd.read_csv(inputs.data_paths(cfg).test).head(3))
     assert probs.shape == (3, 3)
+
+
+# ------------------------------------------------------------------------------------------ a privileged teacher
+def test_model_names_go_into_the_markers_outside_the_spans_and_follow_a_swap():
+    from pipeline.formatting import encode_pairs
+
+    tokenize = lambda texts: [[ord(c) for c in t] for t in texts]  # noqa: E731  (one id per character)
+    plain, = encode_pairs(tokenize, [["q"]], [["aa"]], [["bbb"]], 400, 0.3, "left")
+    named, = encode_pairs(tokenize, [["q"]], [["aa"]], [["bbb"]], 400, 0.3, "left",
+                          model_names=(["gpt-x"], ["llama-y"]))
+    text = "".join(map(chr, named.input_ids))
+    assert "Response A (by gpt-x)" in text and "Response B (by llama-y)" in text
+    assert "".join(map(chr, named.input_ids[slice(*named.span_a)])) == "aa"
+    assert "".join(map(chr, named.input_ids[slice(*named.span_b)])) == "bbb"
+    assert "gpt-x" not in "".join(map(chr, plain.input_ids))
+
+
+def test_a_teacher_shown_model_names_teaches_a_student_that_never_sees_them(tmp_path, model_cache, monkeypatch):
+    cfg = compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"])
+    train = tmp_path / "named.csv"
+    shutil.copy(inputs.data_paths(cfg).train, train)  # the demo train file names each row's models; no test file
+    named = ["model.show_model_names=true", "model.max_length=256"]  # byte-level tokens: names take room
+    teacher = Path(run_teacher(tmp_path, model_cache, "named_teacher", *named, f"data.train={train}",
+                               stage="all").paths.exp_dir)
+    trained_on = []
+    real = training.train_adapter
+    monkeypatch.setattr(training, "train_adapter", lambda cfg_, on, dtype, source, tokenizer, rows, *rest:
+                        trained_on.append((tokenizer, rows)) or real(cfg_, on, dtype, source, tokenizer, rows, *rest))
+    student = student_cfg(tmp_path, model_cache, "student", teacher, f"data.train={train}")
+    finetune.run(student)
+    teacher_files = list(Path(teacher).glob("finetune/fold_*/infold_*.parquet"))
+    assert len(teacher_files) == 3  # the teacher scored its rows with the names
+    texts = [tokenizer.decode(r["input_ids"]) for tokenizer, rows in trained_on for r in rows]
+    assert len(trained_on) == 3 and all("Response A\n" in t and "(by demo-model" not in t for t in texts)
+    with pytest.raises(UserError, match="student never sees the model names"):
+        check.run(student_cfg(tmp_path, model_cache, "student_named", teacher, f"data.train={train}",
+                              *named))
+    test = inputs.data_paths(cfg).test  # the demo test file has no model names
+    with pytest.raises(UserError, match="model.show_model_names=true"):
+        predict.run(compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}",
+                                 f"paths.model_cache_dir={model_cache}", "exp_name=named_teacher",
+                                 *named, "finetune.learning_rate=5e-3", f"data.train={train}",
+                                 f"data.test={test}", "stage=predict"]))
