@@ -11,7 +11,7 @@ from pipeline import artifacts, inputs
 # Settings that change how a run is operated, not what it computes: changing them keeps finished work valid.
 # cache_prefix computes the same steps (tested: same loss and gradients), only faster.
 FINETUNE_OPERATIONAL = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "deepspeed", "folds",
-                        "cache_prefix", "cache_prefix_max_gb")
+                        "cache_prefix", "cache_prefix_max_gb", "teacher_workers")
 EMBED_OPERATIONAL = ("batch_tokens", "padding_side")
 # Embed settings that change only the test features (never the OOF features or what the stacker learns from).
 EMBED_TEST_ONLY = ("test_adapters",)

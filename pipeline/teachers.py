@@ -152,31 +152,63 @@ class LLMTeacher(Teacher):
 
     def fold_pass(self, k: int, data: TeacherData, frame: pd.DataFrame, student_cfg: DictConfig,
                   what: str) -> pd.DataFrame:
-        """Teacher fold k's adapter over `frame` (its own training rows: the in-fold pass; or unlabeled rows), with
-        the teacher's own model, formatting and scoring length (head probabilities; both orientations with its
-        swap TTA)."""
-        import torch
+        """Teacher fold k's adapter over `frame` (its own training rows: the in-fold pass; or unlabeled rows): in
+        this process, or with finetune.teacher_workers=N by N Ray Data workers (pipeline/ray_labelling.py), each a
+        FoldScorer like the one used here."""
+        workers = int(student_cfg.finetune.get("teacher_workers") or 0)
+        scorer_args = FoldScorer.arguments(data.cfg, Layout(self.exp).adapter(k), student_cfg.embed.batch_tokens)
+        log.info("finetune.teacher: %s fold %d scores %d %s (once%s)", self.path, k, len(frame), what,
+                 f", {workers} Ray workers" if workers else "")
+        if workers:
+            from pipeline import ray_labelling
 
+            return ray_labelling.score(frame, scorer_args, workers)
+        scorer = FoldScorer(**scorer_args)
+        try:
+            return scorer(frame)
+        finally:
+            scorer.release()
+
+
+class FoldScorer:
+    """One teacher fold's adapter, loaded once, scoring batches of rows with the teacher's own model, formatting and
+    scoring length (head probabilities; both orientations with its swap TTA): the in-process pass, and the actor
+    each Ray worker holds. Built from plain, picklable arguments (`arguments`)."""
+
+    def __init__(self, config: dict, adapter: str, batch_tokens: int):
         from pipeline import embed_passes
         from pipeline.llm import modeling
 
-        cfg = data.cfg
+        self.cfg = cfg = OmegaConf.create(config)
         on = modeling.device()
         dtype = modeling.compute_dtype(cfg.model.precision, on)
         source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
-        tokenizer = modeling.load_tokenizer(source, cfg.model)
-        model = modeling.load_with_adapter(source, cfg.model, tokenizer, Layout(self.exp).adapter(k), dtype, on)
+        self.tokenizer = modeling.load_tokenizer(source, cfg.model)
+        self.model = modeling.load_with_adapter(source, cfg.model, self.tokenizer, Path(adapter), dtype, on)
         # Only the head is read: no vectors kept beyond the last layer, no LM-head or base-model passes.
         embed = OmegaConf.merge(cfg.embed, {"layers": [1.0], "lm_features": False, "base_vectors": False,
-                                            "batch_tokens": student_cfg.embed.batch_tokens})
-        rows = embed_passes.encode_rows(tokenizer, frame, cfg)
-        settings = embed_passes.PassSettings(tokenizer.pad_token_id, embed, on, dtype, source)
-        log.info("finetune.teacher: %s fold %d scores %d %s (once)", self.path, k, len(frame), what)
-        probs = embed_passes.pass_features(model, rows, settings, desc=f"teacher fold {k}").head_probabilities()
-        del model
-        if on.type == "cuda":
-            torch.cuda.empty_cache()
+                                            "batch_tokens": batch_tokens})
+        self.settings = embed_passes.PassSettings(self.tokenizer.pad_token_id, embed, on, dtype, source)
+
+    @staticmethod
+    def arguments(cfg: DictConfig, adapter: Path, batch_tokens: int) -> dict:
+        return {"config": OmegaConf.to_container(cfg, resolve=True), "adapter": str(adapter),
+                "batch_tokens": int(batch_tokens)}
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        from pipeline import embed_passes
+
+        rows = embed_passes.encode_rows(self.tokenizer, frame, self.cfg)
+        probs = embed_passes.pass_features(self.model, rows, self.settings, desc="teacher").head_probabilities()
         return pd.DataFrame({"id": frame["id"].to_numpy().astype(str), **dict(zip(LABEL_COLUMNS, probs.T))})
+
+    def release(self) -> None:
+        """Free the model (and its GPU memory) before the student's loads."""
+        import torch
+
+        del self.model
+        if self.settings.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class StageTwoTeacher(Teacher):

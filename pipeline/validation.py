@@ -108,6 +108,7 @@ def validate_teacher(ft: DictConfig, stage: str) -> None:
     from pipeline import teachers
 
     teacher = ft.get("teacher")
+    require_int(ft.get("teacher_workers", 0), "finetune.teacher_workers", 0)
     if teacher is None:
         return
     listed = [teacher] if isinstance(teacher, str) else list(teacher) if isinstance(teacher, ListConfig) else None

@@ -353,3 +353,27 @@ def test_a_teacher_shown_model_names_teaches_a_student_that_never_sees_them(tmp_
                                  f"paths.model_cache_dir={model_cache}", "exp_name=named_teacher",
                                  *named, "finetune.learning_rate=5e-3", f"data.train={train}",
                                  f"data.test={test}", "stage=predict"]))
+
+
+# ------------------------------------------------------------------------------------------ labelling at scale
+def test_ray_labelling_with_two_cpu_workers_gives_the_in_process_probabilities(llm_teacher, model_cache, tmp_path):
+    """finetune.teacher_workers: the rows streamed through a local Ray Data pipeline of two CPU actors come back
+    with the probabilities one in-process pass gives (fp32: only the batches' padding differs), in row order."""
+    ray = pytest.importorskip("ray")
+    from pipeline import ray_labelling
+
+    out, teacher = llm_teacher
+    student = student_cfg(out, model_cache, "student_ray", teacher)
+    ctx = context.open_run(student, "test")
+    data = teachers.resolve(teacher).data(str(model_cache))
+    data.cfg.model.precision = "fp32"
+    args = teachers.FoldScorer.arguments(data.cfg, Layout(teacher).adapter(1), 4096)
+    frame = ctx.train.frame[ctx.fold_of != 1]
+    alone = teachers.FoldScorer(**args)(frame)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        spread = ray_labelling.score(frame, args, workers=2, batch_rows=16)
+    finally:
+        ray.shutdown()
+    assert list(spread["id"]) == list(alone["id"])
+    np.testing.assert_allclose(spread[list(LABEL_COLUMNS)], alone[list(LABEL_COLUMNS)], rtol=0, atol=1e-5)
