@@ -1,6 +1,6 @@
 """Teacher labelling at the winners' scale (240k-500k pseudo-labelled pairs): a Ray Data pipeline instead of one
 process. `finetune.teacher_workers=N` streams the rows through `ray.data` `map_batches` over N FoldScorer actors
-(pipeline/teachers.py: each loads the teacher's base model and fold adapter once), one GPU each on a CUDA machine,
+(pipeline/teachers.py, passed in: each loads the teacher's base model and fold adapter once), one GPU each on a CUDA machine,
 else one CPU each; `ray.init()` joins the cluster RAY_ADDRESS names, or starts a local one. Optional:
 `pip install -e '.[ray]'`. The actors run the same pass as the in-process path, so the probabilities are the same
 up to the batches' padding (tests/test_distill.py).
@@ -15,8 +15,10 @@ from pipeline.errors import UserError
 ROWS_PER_BATCH = 256  # rows each actor call receives; the pass batches them by tokens again
 
 
-def score(frame: pd.DataFrame, scorer_args: dict, workers: int, batch_rows: int = ROWS_PER_BATCH) -> pd.DataFrame:
-    """`frame`'s rows scored by `workers` FoldScorer actors built with `scorer_args`; the result in `frame`'s order."""
+def score(frame: pd.DataFrame, scorer: type, scorer_args: dict, workers: int,
+          batch_rows: int = ROWS_PER_BATCH) -> pd.DataFrame:
+    """`frame`'s rows scored by `workers` actors, each a `scorer(**scorer_args)` (a callable from a frame to id +
+    probabilities: teachers.FoldScorer); the result in `frame`'s order."""
     try:
         import ray
     except ImportError:
@@ -31,7 +33,7 @@ def score(frame: pd.DataFrame, scorer_args: dict, workers: int, batch_rows: int 
         per_worker = {"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": 1}
         # Turns are lists: they travel as Arrow lists and come back as arrays (_Actor turns them into lists again).
         dataset = ray.data.from_pandas(frame.reset_index(drop=True))
-        scored = dataset.map_batches(_Actor, fn_constructor_kwargs={"scorer_args": scorer_args},
+        scored = dataset.map_batches(_Actor, fn_constructor_kwargs={"scorer": scorer, "scorer_args": scorer_args},
                                      batch_format="pandas", batch_size=max(1, int(batch_rows)),
                                      concurrency=int(workers), **per_worker).to_pandas()
     finally:
@@ -42,12 +44,10 @@ def score(frame: pd.DataFrame, scorer_args: dict, workers: int, batch_rows: int 
 
 
 class _Actor:
-    """A Ray Data actor around FoldScorer (built once per worker)."""
+    """A Ray Data actor around a scorer (built once per worker)."""
 
-    def __init__(self, scorer_args: dict):
-        from pipeline.teachers import FoldScorer
-
-        self.scorer = FoldScorer(**scorer_args)
+    def __init__(self, scorer: type, scorer_args: dict):
+        self.scorer = scorer(**scorer_args)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         for column in ("prompt", "response_a", "response_b"):

@@ -162,7 +162,7 @@ class LLMTeacher(Teacher):
         if workers:
             from pipeline import ray_labelling
 
-            return ray_labelling.score(frame, scorer_args, workers)
+            return ray_labelling.score(frame, FoldScorer, scorer_args, workers)
         scorer = FoldScorer(**scorer_args)
         try:
             return scorer(frame)

@@ -372,7 +372,7 @@ def test_ray_labelling_with_two_cpu_workers_gives_the_in_process_probabilities(l
     alone = teachers.FoldScorer(**args)(frame)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        spread = ray_labelling.score(frame, args, workers=2, batch_rows=16)
+        spread = ray_labelling.score(frame, teachers.FoldScorer, args, workers=2, batch_rows=16)
     finally:
         ray.shutdown()
     assert list(spread["id"]) == list(alone["id"])
