@@ -433,7 +433,9 @@ def model_card(record: dict[str, Any]) -> str:
         f"# Pairwise preference classifier ({model.get('name')})", "",
         f"- base model: {model.get('path') or model.get('name')} ({model.get('source')}), formatting: max_length "
         f"{model.get('max_length')}, prompt share {model.get('prompt_max_fraction')}, truncation "
-        f"{model.get('truncation_side')}, the tokenizer's own BOS",
+        f"{model.get('truncation_side')}, the tokenizer's own BOS" +
+        (", each response's model named in its marker (rows need model_a / model_b)"
+         if model.get("show_model_names") else ""),
         f"- classifier ({info['mode']}): {classifier}",
         f"- trained on {info.get('n_train_rows')} labelled pairs, {info['n_folds']} prompt-grouped folds",
         f"- out-of-fold log loss: head {score(info.get('finetune_oof_logloss'))}, stacker "

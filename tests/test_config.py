@@ -137,12 +137,14 @@ def test_optuna_sweeper_composes():
     assert "stack.vectors.pca_components" in cfg.hydra.sweeper.params
 
 
-def test_settings_added_later_keep_older_experiments_current():
-    """At their neutral values the settings added later (embed.max_length, embed.lm_features, finetune.train,
-    finetune.init_adapter) change no setup hash, and a recorded config without them reads as having them."""
+def test_settings_added_later_keep_older_experiments_current(tmp_path, model_cache):
+    """At their neutral values the settings added later (setups.ADDED_LATER: embed.max_length, finetune.train,
+    finetune.teacher, model.show_model_names, ...) change no setup hash, and a recorded config without them reads as
+    having them. (Demo data and the tiny model go to this test's folders, not ./outputs or the user's cache.)"""
     from pipeline import setups
 
-    cfg = compose_resolved(["model=tiny"])
+    paths = [f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"]
+    cfg = compose_resolved(["model=tiny", *paths])
     older = OmegaConf.create(OmegaConf.to_container(cfg))
     for group, keys in setups.ADDED_LATER.items():
         for key in keys:
@@ -153,6 +155,6 @@ def test_settings_added_later_keep_older_experiments_current():
     assert setups.stack_setup(older) == setups.stack_setup(cfg)
     completed = setups.with_added_settings(older)
     assert completed.embed.max_length is None and completed.finetune.train is True
-    changed = compose_resolved(["model=tiny", "embed.max_length=512"])
+    changed = compose_resolved(["model=tiny", "embed.max_length=512", *paths])
     assert setups.embed_setup(changed, {"config_hash": "f", "data": "d"}) != \
         setups.embed_setup(cfg, {"config_hash": "f", "data": "d"})

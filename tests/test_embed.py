@@ -279,4 +279,20 @@ def test_long_scoring_pass_with_lm_features_reuses_the_adapters_and_feeds_the_li
     assert {f"{p}lm_{s}_{o}" for p in ("", "base_") for s in ("prompt", "a", "b") for o in ("fwd", "swp")} <= set(columns)
     assert columns["lm_a_fwd"].shape[1] == 2 and np.isfinite(columns["lm_a_fwd"]).all()
     stacked = stack.run(at(**long_, stack__blend_members=["head", "text", "likelihood"]))
-    assert np.isfinite(stacked["oof_logloss"])
+    assert np.isfinite(stacked["oof_logloss"]) and np.isfinite(stacked["members"]["likelihood"])
+    assert "likelihood" in stacked["features"]["groups"]["likelihood"]
+    # What the member reads: each response's mean log-likelihood and entropy of the new pass (both orientations
+    # averaged), their A-B differences and the prompt's, row for row from the feature table.
+    from pipeline.stage_two.design import design, stacker_inputs
+
+    table = feature_table.read_feature_table(copy / "embed" / layout.TRAIN_FEATURES)
+    frame = load_pairs(inputs.data_paths(long).train, with_labels=True).frame
+    feats = table.features.take(table.scalars.set_index("id").index.get_indexer(frame["id"]))
+    built = design(stacker_inputs(frame, feats), ["likelihood"], stacked["features"]["vectors"], {})
+    a = (columns["lm_a_fwd"] + columns["lm_a_swp"]) / 2
+    b = (columns["lm_b_fwd"] + columns["lm_b_swp"]) / 2
+    order = table.scalars.set_index("id").index.get_indexer(frame["id"])
+    assert built.columns[:3] == ["lm_loglik_a", "lm_loglik_b", "lm_loglik_a_minus_b"]
+    np.testing.assert_allclose(built.original[:, 0], a[order, 0], rtol=1e-6)
+    np.testing.assert_allclose(built.original[:, 2], (a - b)[order, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(built.mirrored[:, 2], -built.original[:, 2])

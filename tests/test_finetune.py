@@ -283,3 +283,25 @@ def test_a_loss_that_is_not_one_is_refused(tiny_cfg):
     with pytest.raises(UserError, match="finetune.loss._target_=collections.OrderedDict is not a training loss"):
         validation.validate(tiny_cfg("finetune.loss._target_=collections.OrderedDict",
                                      "~finetune.loss.label_smoothing"))
+
+
+def test_the_fine_tune_summary_is_what_its_formulas_say():
+    """oof_logloss over every row; prior_logloss of each fold's training-fold prior; tokens/s and padding waste from
+    the folds' summed tokens and seconds (not the mean of per-fold rates)."""
+    from pipeline.scoring import fold_prior, logloss
+
+    labels = np.array([0, 1, 2, 0, 0, 1])
+    fold_of = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.4, 0.5, 0.1], [0.9, 0.05, 0.05],
+                      [0.1, 0.8, 0.1]])
+    oof = pd.DataFrame(probs, columns=["winner_model_a", "winner_model_b", "winner_tie"])
+    stats = [{"logloss": 0.1, "train_seconds": 10.0, "train_tokens": 1000, "padded_tokens": 1250},
+             {"logloss": 0.2, "train_seconds": 30.0, "train_tokens": 3000, "padded_tokens": 3000},
+             {"logloss": 0.3, "train_seconds": 0.0, "train_tokens": 0, "padded_tokens": 0}]
+    summary = finetune.summarise(oof, labels, fold_of, [{"stats": s} for s in stats])
+    assert summary["oof_logloss"] == pytest.approx(-np.mean(np.log(probs[np.arange(6), labels])))
+    assert summary["prior_logloss"] == logloss(labels, fold_prior(labels, fold_of))
+    assert summary["tokens_per_s"] == 100.0 and summary["train_seconds"] == 40.0
+    assert summary["padding_waste"] == round(1 - 4000 / 4250, 4)
+    assert summary["per_fold"] == [0.1, 0.2, 0.3] and summary["accuracy"] == pytest.approx(5 / 6)
+    assert "teacher_target_logloss" not in summary

@@ -83,3 +83,17 @@ def test_input_files_are_parsed_once_per_process_until_they_change(tmp_path):
     pd.read_csv(path).head(1).to_csv(path, index=False)
     changed = context.read_pairs(path, with_labels=True)
     assert changed is not first and len(changed.frame) == 1
+
+
+def test_a_setup_change_is_told_key_by_key():
+    """describe_changes names each changed setup key, and a changed settings hash as the dotted settings that
+    differ (recorded -> current), not as two opaque hashes; a key added later and absent from an old state is no
+    change."""
+    state = {"seed": 0, "data": "aa", "config_hash": "h1",
+             "settings": {"finetune": {"learning_rate": 5e-4, "lora": {"r": 16}}, "model": {"max_length": 128}}}
+    expected = {"seed": 1, "data": "aa", "config_hash": "h2", "base_model": "fp"}
+    settings = {"finetune": {"learning_rate": 1e-3, "lora": {"r": 8}}, "model": {"max_length": 128}}
+    assert artifacts.describe_changes(state, expected, settings) == \
+        "seed: 0 -> 1, finetune.learning_rate: 0.0005 -> 0.001, finetune.lora.r: 16 -> 8"
+    assert artifacts.describe_changes(state, expected, None) == "seed: 0 -> 1, config_hash: 'h1' -> 'h2'"
+    assert artifacts.changed_setup(state, {"seed": 0, "data": "aa", "config_hash": "h1", "base_model": "x"}) == []

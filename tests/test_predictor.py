@@ -138,3 +138,26 @@ def test_export_on_the_command_line(tiny_experiment, tmp_path):
     assert json.loads((exp / "metrics.json").read_text())["export"]["dir"] == str(exp / "export")
     bad = subprocess.run([*args, "export.model=zip"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: export.model=zip")
+
+
+@pytest.mark.parametrize("mode", ["adapters", "merged"])
+def test_the_model_card_says_what_the_export_holds(mode):
+    """The README an export carries: the base model and formatting, the classifier as exported, the rows and folds,
+    both OOF figures (n/a when missing), the stage-two members and the command that made it."""
+    from pipeline.predictor import model_card
+
+    record = {"info": {"mode": mode, "n_folds": 3, "n_train_rows": 1200, "finetune_oof_logloss": 1.0386,
+                       "stack_oof_logloss": None, "made_by": ["stage=export", "export.model=" + mode]},
+              "model": {"name": "smollm2-135m", "path": None, "source": "gguf_package", "max_length": 192,
+                        "prompt_max_fraction": 0.3, "truncation_side": "left", "show_model_names": mode == "merged"},
+              "stack": {"blend_members": ["head", "text"]}}
+    card = model_card(record)
+    assert card.startswith("# Pairwise preference classifier (smollm2-135m)")
+    assert "- base model: smollm2-135m (gguf_package), formatting: max_length 192, prompt share 0.3, truncation left" \
+        in card
+    assert ("the base model plus the 3 fold LoRA adapters" in card) == (mode == "adapters")
+    assert ("averaged and merged into the base weights" in card) == (mode == "merged")
+    assert ("rows need model_a / model_b" in card) == (mode == "merged")
+    assert "- trained on 1200 labelled pairs, 3 prompt-grouped folds" in card
+    assert "- out-of-fold log loss: head 1.0386, stacker n/a" in card
+    assert "- stage two: head, text," in card and f"- made by: stage=export export.model={mode}" in card

@@ -66,10 +66,19 @@ def test_cached_prefix_step_gives_the_same_loss_and_gradients(tiny_cfg, family):
         pytest.approx(uncached[0], abs=1e-6)
 
 
-def test_cache_prefix_trains_a_fold_and_needs_top_layers_only(tiny_cfg):
+def test_cache_prefix_trains_a_fold_and_needs_top_layers_only(tiny_cfg, monkeypatch):
+    """A fold trained with finetune.cache_prefix computes the frozen layers once for each of its rows, trains on
+    the cached outputs (the cache's stand-in layers are what the Trainer's steps run through), and gives the model
+    back whole."""
     from pipeline import context
     from pipeline.stages import finetune
 
+    computed, served = [], []
+    compute, set_batch = prefix_cache.compute, prefix_cache.PrefixCache.set_batch
+    monkeypatch.setattr(prefix_cache, "compute", lambda model, ids, *rest: computed.append(len(ids)) or
+                        compute(model, ids, *rest))
+    monkeypatch.setattr(prefix_cache.PrefixCache, "set_batch", lambda self, prefix: served.append(prefix.shape) or
+                        set_batch(self, prefix))
     cfg = tiny_cfg("finetune.cache_prefix=true", *TOP_LAYER, "finetune.max_steps=2")
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
@@ -78,6 +87,8 @@ def test_cache_prefix_trains_a_fold_and_needs_top_layers_only(tiny_cfg):
     rows = training.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
     model, stats = finetune.train_fold(context.open_run(cfg, "finetune"), 0, source, tokenizer, rows)
     assert stats["global_step"] == 2
+    assert computed == [32]  # every row's frozen layers, once
+    assert len(served) == 2 and all(shape[-1] == cfg.model.tiny.hidden_size for shape in served)  # one per step
     assert not any(isinstance(m, prefix_cache.CachedPrefix) for m in model.modules())  # the whole model is back
     with pytest.raises(UserError, match="layers_to_transform"):
         prefix_cache.first_trained_layer(tiny_cfg().finetune.lora)

@@ -435,3 +435,53 @@ def test_fallback_triggers_where_the_inner_splits_disagree_and_not_otherwise():
     jittered /= jittered.sum(axis=1, keepdims=True)
     assert pooling.fallback(y, uneven, {"m": jittered}, inner, 0.02, 2.0) is not None
     assert pooling.fallback(y, uneven, {"m": jittered}, inner, 0.02, 1e6) is None  # within that split's noise
+
+
+def test_a_reduced_difference_changes_sign_under_an_a_b_swap():
+    """fit_reducers fits each block's PCA on both orientations, so its centre is the swap's fixed point: the
+    reduced response_a - response_b of the swapped pair is exactly minus the original's, even for data whose
+    differences lean one way (a PCA fitted on one orientation would keep that lean as an offset)."""
+    from pipeline.stage_two.features import PairInputs
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 1.0, (40, 6)), rng.normal(0.0, 1.0, (40, 6))  # a's vectors lean positive
+    pair = PairInputs(vectors={"h050_a_fwd": a, "h050_b_fwd": b})
+    settings = {"layers": ["h050"], "kinds": ["diff"], "orientations": ["fwd"], "prefix": ""}
+    reducers = design.fit_reducers(pair, np.arange(30), settings, 3, seed=0)
+    built = design.design(pair, ["vectors"], settings, reducers)
+    assert built.columns == ["h050_diff_0", "h050_diff_1", "h050_diff_2"]
+    np.testing.assert_allclose(built.mirrored, -built.original, atol=1e-12)
+    np.testing.assert_allclose(reducers["h050_diff"].mean_, 0, atol=1e-12)
+
+
+def report_metrics() -> dict:
+    return {"oof_logloss": 0.9, "accuracy": 0.55, "chosen": ["blend", "text"],
+            "chosen_reason": ["the blend: no member beat it", "text beat the blend"],
+            "baselines": {"prior": 1.05, "length": 0.95}, "baseline_accuracy": {"prior": 0.4, "length": 0.5},
+            "members": {"head": 1.01, "text": 0.94}, "gain_over_best_baseline": 0.05,
+            "per_fold": [0.88, 0.92], "baseline_per_fold": {"prior": [1.0, 1.1], "length": [0.9, 1.0]},
+            "blend": [{"kind": "log_linear", "weights": {"head": 0.25, "text": 0.75}, "tie_bias": 0.1,
+                       "temperatures": {"head": 1.0, "text": 1.0}},
+                      {"kind": "linear", "weights": {"head": 0.5, "text": 0.3}, "prior_weight": 0.2,
+                       "temperatures": {"head": 1.5, "text": 1.0}}],
+            "inner_losses": [{"head": 1.0, "blend": 0.9}, {"head": 1.1, "blend": 0.95}],
+            "params": [{"head": {}, "text": {"n_estimators": 40}}, {"head": {}, "text": {"n_estimators": 60}}]}
+
+
+def test_the_report_tables_show_every_number_where_it_belongs():
+    from pipeline.stage_two import report
+
+    metrics = report_metrics()
+    assert report.table(metrics).splitlines()[:6] == [
+        "| model | OOF log loss | accuracy |", "|---|---|---|", "| stacker | 0.9000 | 0.550 |",
+        "| prior | 1.0500 | 0.400 |", "| length | 0.9500 | 0.500 |", "| member: head | 1.0100 | |"]
+    assert "gain over the best baseline (prior, length, head): +0.0500 log loss; chosen per fold: blend, text" in \
+        report.table(metrics)
+    folds = report.fold_table(metrics).splitlines()
+    assert folds[0] == "| fold | stacker | prior | length | chosen | why | blend weights |"
+    assert folds[2] == ("| 0 | 0.8800 | 1.0000 | 0.9000 | blend | the blend: no member beat it | log-linear: head 0.25, "
+                        "text 0.75; tie bias 0.10 |")
+    assert folds[3].endswith("| linear: head 0.50 (T 1.50), text 0.30, prior 0.20 |")
+    assert report.inner_table(metrics).splitlines()[2:] == ["| 0 | 1.0000 | 0.9000 |", "| 1 | 1.1000 | 0.9500 |"]
+    assert report.params_table(metrics).splitlines()[2:] == ["| 0 | — | n_estimators=40 |",
+                                                             "| 1 | — | n_estimators=60 |"]
