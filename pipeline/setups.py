@@ -110,6 +110,15 @@ def finished_fold_setup(cfg: DictConfig, state: dict) -> dict:
     return {**carried, **_common_setup(as_trained(cfg, state))}
 
 
+def _as_recorded_before(cfg: DictConfig, group: str) -> DictConfig:
+    """The group's node as the config hash has always read it (the hash input is its text, key order included),
+    without the settings added later at their neutral values: finished experiments keep their hash."""
+    neutral = ADDED_LATER.get(group, {})
+    settings = OmegaConf.to_container(cfg[group], resolve=True)
+    keep = [k for k in cfg[group] if not (k in neutral and settings[k] == _neutral(neutral[k], settings))]
+    return OmegaConf.masked_copy(cfg[group], keep)
+
+
 def _common_setup(cfg: DictConfig) -> dict:
     from pipeline.llm import modeling
 
@@ -118,10 +127,15 @@ def _common_setup(cfg: DictConfig) -> dict:
             "extra": artifacts.file_fingerprint(cfg.data.extra),
             "base_model": modeling.base_model_fingerprint(modeling.base_model_dir(cfg.model,
                                                                                   cfg.paths.model_cache_dir)),
-            # The hash input is kept as it always was, so finished experiments stay valid.
-            "config_hash": artifacts.config_hash({"model": _learned(cfg, "model", ()),
-                                                  "finetune": _learned(cfg, "finetune", FINETUNE_OPERATIONAL),
-                                                  "cv_group_by": cfg.cv.group_by})}
+            "config_hash": finetune_config_hash(cfg)}
+
+
+def finetune_config_hash(cfg: DictConfig) -> str:
+    """The hash of the model, formatting and fine-tune settings a fold depends on. Its input is kept as it always
+    was (tests/test_config.py pins its values for the shipped experiments), so finished experiments stay valid."""
+    return artifacts.config_hash({"model": _as_recorded_before(cfg, "model"),
+                                  "finetune": _learned(cfg, "finetune", FINETUNE_OPERATIONAL),
+                                  "cv_group_by": cfg.cv.group_by})
 
 
 def fit_setup(cfg: DictConfig) -> dict:

@@ -158,3 +158,19 @@ def test_settings_added_later_keep_older_experiments_current(tmp_path, model_cac
     changed = compose_resolved(["model=tiny", "embed.max_length=512", *paths])
     assert setups.embed_setup(changed, {"config_hash": "f", "data": "d"}) != \
         setups.embed_setup(cfg, {"config_hash": "f", "data": "d"})
+
+
+# The fine-tune config hash of each shipped setup as every earlier version computed it (measured with the code of
+# 7d8beb3): a finished fold records it, so a change here would call every finished experiment "made with a
+# different setup".
+RECORDED_FINETUNE_HASHES = {"": "8de3153269ed9fc1", "experiment=smoke": "7a23d6ebdb56ba7c",
+                            "experiment=shared_ties": "8b0e8eeb29df8687", "experiment=shared_frozen": "e4cfec5691ad9d99",
+                            "experiment=llama3_8b_qlora": "96246e51ed144619", "model=tiny": "efca5c86798a9eae"}
+
+
+@pytest.mark.parametrize("override", list(RECORDED_FINETUNE_HASHES))
+def test_finished_experiments_keep_their_finetune_hash(override):
+    from pipeline import setups
+
+    cfg = compose_resolved([override] if override else [])
+    assert setups.finetune_config_hash(cfg) == RECORDED_FINETUNE_HASHES[override]
