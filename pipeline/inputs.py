@@ -35,16 +35,21 @@ def load_extra(cfg: DictConfig, train: PairData) -> PairData | None:
     if cfg.data.extra is None:
         return None
     extra = load_pairs(Path(cfg.data.extra), with_labels=True)
-    shared = set(extra.frame["id"]) & set(train.frame["id"])
-    if shared:
-        raise UserError(f"{cfg.data.extra}: {len(shared)} ids also in data.train (first {sorted(shared)[0]}); "
-                        "extra rows must be other rows")
-    copies = shared_pairs(extra.frame, train.frame)
-    if copies:
-        raise UserError(f"{cfg.data.extra}: {len(copies)} rows are pairs of data.train under other ids (same prompt "
-                        f"and responses, in either A/B order; first ids {', '.join(copies[:3])}); remove them: they "
-                        "would leak into the out-of-fold scores")
+    refuse_train_rows(cfg.data.extra, extra, train, "extra", "they would leak into the out-of-fold scores")
     return extra
+
+
+def refuse_train_rows(path, rows: PairData, train: PairData, what: str, why: str) -> None:
+    """Rows that only ever join the fine-tune's training sets may not be rows of data.train: not by id, nor as the
+    same pair under another id (prompt and responses, in either A/B order)."""
+    shared = set(rows.frame["id"]) & set(train.frame["id"])
+    if shared:
+        raise UserError(f"{path}: {len(shared)} ids also in data.train (first {sorted(shared)[0]}); {what} rows must "
+                        "be other rows")
+    copies = shared_pairs(rows.frame, train.frame)
+    if copies:
+        raise UserError(f"{path}: {len(copies)} rows are pairs of data.train under other ids (same prompt and "
+                        f"responses, in either A/B order; first ids {', '.join(copies[:3])}); remove them: {why}")
 
 
 
@@ -67,15 +72,7 @@ def load_unlabeled(cfg: DictConfig, train: PairData, test: PairData | None) -> U
         return None
     path = Path(cfg.data.unlabeled)
     rows = load_pairs(path, with_labels=False)
-    shared = set(rows.frame["id"]) & set(train.frame["id"])
-    if shared:
-        raise UserError(f"{path}: {len(shared)} ids also in data.train (first {sorted(shared)[0]}); unlabeled rows must "
-                        "be other rows")
-    copies = shared_pairs(rows.frame, train.frame)
-    if copies:
-        raise UserError(f"{path}: {len(copies)} rows are pairs of data.train under other ids (same prompt and "
-                        f"responses, in either A/B order; first ids {', '.join(copies[:3])}); remove them: the fold "
-                        "that scores such a row would have trained on it")
+    refuse_train_rows(path, rows, train, "unlabeled", "the fold that scores such a row would have trained on it")
     in_test = []
     if test is not None:
         same_id = set(rows.frame["id"]) & set(test.frame["id"])

@@ -132,12 +132,13 @@ class LLMTeacher(Teacher):
                             "stage=finetune first")
         return TeacherData(cfg, *teacher_frame(cfg, self.exp))
 
-    def pass_key(self, k: int, data: TeacherData, *inputs_: Path) -> str:
-        """What a pass of fold k's adapter depends on: its weights, the scoring settings, the rows' file."""
+    def pass_key(self, k: int, data: TeacherData, rows_file: Path | None = None) -> str:
+        """What a pass of fold k's adapter depends on: its weights, the scoring settings, the rows' file (the
+        teacher's own rows when None)."""
         adapter = Layout(self.exp).adapter(k) / "adapter_model.safetensors"
         return artifacts.config_hash({"adapter": artifacts.file_fingerprint(adapter),
                                       "embed": {name: data.cfg.embed[name] for name in ("max_length", "swap_tta")},
-                                      **({"rows": artifacts.file_fingerprint(inputs_[0])} if inputs_ else {})})
+                                      **({"rows": artifacts.file_fingerprint(rows_file)} if rows_file else {})})
 
     def fold_targets(self, k: int, data: TeacherData, student_cfg: DictConfig) -> pd.DataFrame:
         index = np.flatnonzero(data.fold_of != k)
@@ -229,12 +230,12 @@ class StageTwoTeacher(Teacher):
         return TeacherData(cfg, *teacher_frame(cfg, self.exp))
 
     def fold_targets(self, k: int, data: TeacherData, student_cfg: DictConfig) -> pd.DataFrame:
-        key = setups.teacher_fingerprint(self.path)
-        return self.cached(Layout(self.exp).stack / f"nested_fold_{k}_{key}.parquet", lambda: self.nested(k, data))
+        return self.cached(Layout(self.exp).stack / f"nested_fold_{k}_{self.fingerprint()}.parquet",
+                           lambda: self.nested(k, data))
 
     def unlabeled_targets(self, k: int, data: TeacherData, unlabeled: inputs.Unlabeled,
                           student_cfg: DictConfig) -> pd.DataFrame:
-        key = artifacts.config_hash([setups.teacher_fingerprint(self.path), artifacts.file_fingerprint(unlabeled.path)])
+        key = artifacts.config_hash([self.fingerprint(), artifacts.file_fingerprint(unlabeled.path)])
         return self.cached(Layout(self.exp).stack / f"unlabeled_fold_{k}_{key}.parquet",
                            lambda: self.fitted_on_training_folds(k, data, unlabeled))
 

@@ -4,6 +4,8 @@
     python scripts/bench_quality.py --group-by source   # leave-one-source-out: each fold is one source
     python scripts/bench_quality.py --pretrain-rows 2000   # folds start warm from a one-time fit on other rows
     python scripts/bench_quality.py --experiment shared_frozen --exp-name bench_frozen   # the frozen-feature path
+    python scripts/bench_quality.py --experiment shared_distill --exp-name bench_distill \
+        --teacher outputs/bench_frozen/stack --reference bench_quality_prompt   # a student beside the hard-label run
 
 Builds a fixed, seeded sample of 1,200 rows with ties from ../shared/data/preference (Auto-J, PandaLM, PRD; the
 same rows every run), runs the real pipeline (check -> finetune -> embed -> stack, the defaults of
@@ -18,6 +20,10 @@ Last line: margin=X.XXXX head_gain=Y.YYYY minutes=Z.Z loso_margin=W.WWWW, where 
 length, head) minus the stacker's OOF log loss, head_gain = prior minus head, and loso_margin = text statistics minus
 the stacker with each source held out in turn (pooled; printed with the ablations). Goals: margin >= 0.02,
 head_gain >= 0.01, minutes <= 60, loso_margin >= 0.
+With --teacher (a distilled student, finetune.teacher=PATH) it also prints the student beside the hard-label run on
+the same sample (--reference, an experiment of this benchmark) and the teacher's minutes (its bench_timings.json),
+and the last line adds teacher_minutes=T reference_head_gain=R stacker_vs_reference=S (the reference's stacker
+minus the student's: > 0 means the student's features stack better).
 """
 from __future__ import annotations
 
@@ -189,6 +195,12 @@ def main() -> None:
                         help="first fit a warm start (experiment=shared_pretrain, stage=fit) on this many shared rows "
                              "that share no prompt with the sample, and start every fold from it (one-time work, "
                              "timed apart from `minutes`); 0 = no warm start")
+    parser.add_argument("--teacher", default=None,
+                        help="distil from this teacher (finetune.teacher: outputs/NAME or outputs/NAME/stack of the "
+                             "same sample, folds and --group-by)")
+    parser.add_argument("--reference", default=None,
+                        help="with --teacher: the hard-label experiment of this benchmark to compare with (default "
+                             "bench_quality_<group-by>)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every stage")
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -200,8 +212,9 @@ def main() -> None:
     warm_start = []
     if args.pretrain_rows:
         warm_start = [f"finetune.init_adapter={pretrain(data, args.pretrain_rows, args.seed, args.overrides)}"]
+    taught = [f"finetune.teacher={Path(args.teacher).resolve()}", "finetune/loss=distill"] if args.teacher else []
     overrides = [f"experiment={args.experiment}", f"exp_name={exp_name}", f"data.train={data}",
-                 f"cv.group_by={args.group_by}", *warm_start, *args.overrides]
+                 f"cv.group_by={args.group_by}", *warm_start, *taught, *args.overrides]
     exp = ROOT / "outputs" / exp_name
     exp.mkdir(parents=True, exist_ok=True)
     timings_file = exp / "bench_timings.json"
@@ -229,7 +242,46 @@ def main() -> None:
     minutes = sum(timings[s] for s in STAGES) / 60
     print(f"stage seconds: {', '.join(f'{s} {timings[s]:.0f}' for s in STAGES)}")
     loso = f" loso_margin={loso_margin:.4f}" if loso_margin is not None else ""
-    print(f"margin={best - stack['oof_logloss']:.4f} head_gain={prior - head:.4f} minutes={minutes:.1f}{loso}")
+    taught = teacher_comparison(args, metrics, minutes) if args.teacher else ""
+    print(f"margin={best - stack['oof_logloss']:.4f} head_gain={prior - head:.4f} minutes={minutes:.1f}{loso}{taught}")
+
+
+def run_summary(exp: Path) -> dict | None:
+    """A finished run of this benchmark: its stacker, head, prior, best baseline and minutes (None if unfinished)."""
+    metrics_file, timings_file = exp / "metrics.json", exp / "bench_timings.json"
+    if not metrics_file.exists() or "stack" not in json.loads(metrics_file.read_text()):
+        return None
+    stack = json.loads(metrics_file.read_text())["stack"]
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    return {"stacker": stack["oof_logloss"], "head": stack["baselines"]["head"], "prior": stack["baselines"]["prior"],
+            "best": min(stack["baselines"][k] for k in ("prior", "length", "head")),
+            "minutes": sum(timings.get(s, 0.0) for s in STAGES) / 60}
+
+
+def teacher_comparison(args: argparse.Namespace, metrics: dict, minutes: float) -> str:
+    """The student beside the hard-label reference run and the teacher (printed), and the last line's additions."""
+    teacher_exp = Path(args.teacher).resolve()
+    teacher_exp = teacher_exp.parent if teacher_exp.name == "stack" else teacher_exp
+    teacher = run_summary(teacher_exp)
+    reference = run_summary(ROOT / "outputs" / (args.reference or f"bench_quality_{args.group_by}"))
+    student = run_summary(ROOT / "outputs" / (args.exp_name or f"bench_quality_{args.group_by}"))
+    rows = [("hard-label run (reference)", reference), ("teacher", teacher), ("distilled student", student)]
+    print("\n| run | head | head gain over prior | stacker | margin over best baseline | minutes |\n"
+          "|---|---|---|---|---|---|")
+    for name, run in rows:
+        if run is None:
+            print(f"| {name} | (not run) | | | | |")
+            continue
+        print(f"| {name} | {run['head']:.4f} | {run['prior'] - run['head']:+.4f} | {run['stacker']:.4f} | "
+              f"{run['best'] - run['stacker']:+.4f} | {run['minutes']:.1f} |")
+    per_fold = metrics["finetune"].get("teacher_target_logloss")
+    if per_fold:
+        print(f"teacher targets' log loss on each fold's training rows: {', '.join(f'{v:.4f}' for v in per_fold)}")
+    line = f" teacher_minutes={teacher['minutes']:.1f}" if teacher else ""
+    if reference:
+        line += (f" reference_head_gain={reference['prior'] - reference['head']:.4f} "
+                 f"stacker_vs_reference={reference['stacker'] - student['stacker']:.4f}")
+    return line
 
 
 if __name__ == "__main__":

@@ -50,7 +50,13 @@ def test_defaults_and_every_experiment_validate():
     for experiment in sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment")
                              .glob("*.yaml")):
         cfg = compose_cfg([f"experiment={experiment}", "model.quantization=none"])
-        validation.validate(cfg)
+        if cfg.finetune.teacher is None:
+            validation.validate(cfg)
+            continue
+        # A student names its teacher: training stages need it finished (here it is not), reading stages never.
+        with pytest.raises(UserError, match="not a finished experiment"):
+            validation.validate(cfg)
+        validation.validate(compose_cfg([f"experiment={experiment}", "model.quantization=none", "stage=embed"]))
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -377,3 +377,19 @@ def test_ray_labelling_with_two_cpu_workers_gives_the_in_process_probabilities(l
         ray.shutdown()
     assert list(spread["id"]) == list(alone["id"])
     np.testing.assert_allclose(spread[list(LABEL_COLUMNS)], alone[list(LABEL_COLUMNS)], rtol=0, atol=1e-5)
+
+
+def test_extra_rows_no_teacher_labelled_train_on_their_own_label(tiny_cfg):
+    """data.extra rows beside a teacher carry their label one-hot as the soft target (the KL term is then their
+    cross-entropy), mirrored in their swapped copies."""
+    from pipeline.data import load_pairs
+    from pipeline.llm import modeling
+
+    cfg = tiny_cfg()
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame.head(5)
+    tokenizer = modeling.load_tokenizer(modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir), cfg.model)
+    rows = training.all_training_rows(tokenizer, frame, cfg.model, True, label_targets=True)
+    labels = frame["label"].to_numpy()
+    assert [r[TEACHER_PROBS] for r in rows[:5]] == np.eye(3)[labels].tolist()
+    assert [r[TEACHER_PROBS] for r in rows[5:]] == np.eye(3)[[{0: 1, 1: 0, 2: 2}[y] for y in labels]].tolist()
+    assert all(TEACHER_PROBS not in r for r in training.all_training_rows(tokenizer, frame, cfg.model, False))
