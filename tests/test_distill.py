@@ -294,7 +294,8 @@ def test_teacher_settings_that_cannot_work_fail_at_check(llm_teacher, model_cach
 
 
 def test_a_finished_student_needs_its_teacher_no_more(tmp_path, model_cache):
-    """Once its folds are trained, a student's embed, stack, predict and Predictor run with the teacher gone."""
+    """Once its folds are trained, a student's stack, predict, Predictor and export run with the teacher gone (the
+    export scores as the experiment does)."""
     from pipeline.predictor import Predictor
 
     teacher_cfg = run_teacher(tmp_path, model_cache, "teacher")
@@ -308,8 +309,15 @@ def test_a_finished_student_needs_its_teacher_no_more(tmp_path, model_cache):
     predict.run(compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}",
                              "exp_name=student", "finetune/loss=distill", "finetune.learning_rate=5e-3",
                              f"finetune.teacher={teacher}", "stage=predict"]))
-    probs = Predictor.load(Path(cfg.paths.exp_dir)).predict_proba(pd.read_csv(inputs.data_paths(cfg).test).head(3))
+    rows = pd.read_csv(inputs.data_paths(cfg).test).head(3)
+    probs = Predictor.load(Path(cfg.paths.exp_dir)).predict_proba(rows)
     assert probs.shape == (3, 3)
+    from pipeline.stages import export
+
+    export.run(compose_cfg([*TINY_OVERRIDES, f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}",
+                            "exp_name=student", "finetune/loss=distill", "finetune.learning_rate=5e-3",
+                            f"finetune.teacher={teacher}", "stage=export", f"export.dir={tmp_path / 'export'}"]))
+    np.testing.assert_array_equal(Predictor.load(tmp_path / "export").predict_proba(rows), probs)
 
 
 # ------------------------------------------------------------------------------------------ a privileged teacher
