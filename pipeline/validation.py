@@ -51,14 +51,11 @@ def validate_finetune(ft: DictConfig, n_folds: int, stage: str, model_names: boo
         require_number(ft.head_learning_rate, "finetune.head_learning_rate", 1e-12)
     require_number(ft.label_smoothing, "finetune.label_smoothing", 0.0, 1.0)
     validate_loss(ft)
-    validate_teacher(ft, stage)
+    validate_teacher(ft, stage, model_names)
     if ft.max_steps in (None, -1) or ft.max_steps <= 0:
         require_number(ft.epochs, "finetune.epochs", 1e-9)
     if not isinstance(ft.train, bool):
         raise UserError(f"finetune.train={ft.train}: use true (fine-tune) or false (the frozen-feature path)")
-    if ft.get("teacher") and model_names:
-        raise UserError("finetune.teacher with model.show_model_names=true: a student never sees the model names (the "
-                        "rows it will score have none); show them to the teacher only")
     if ft.init_adapter and stage in TRAINS:
         warm_start.check_init_adapter(Path(str(ft.init_adapter)), ft.lora)
     if stage == "fit" and not ft.train:
@@ -102,9 +99,10 @@ def validate_loss(ft: DictConfig) -> None:
                         "finetune/loss=distill")
 
 
-def validate_teacher(ft: DictConfig, stage: str) -> None:
+def validate_teacher(ft: DictConfig, stage: str, model_names: bool) -> None:
     """finetune.teacher: one path or a list of them, each a finished experiment or its stage two; only for a
-    fold fine-tune that trains (a full-data fit has no fold to keep the teacher's labels out of)."""
+    fold fine-tune that trains (a full-data fit has no fold to keep the teacher's labels out of), and for a student
+    that never sees model names."""
     from pipeline import teachers
 
     teacher = ft.get("teacher")
@@ -117,6 +115,9 @@ def validate_teacher(ft: DictConfig, stage: str) -> None:
     if not ft.train:
         raise UserError("finetune.teacher with finetune.train=false: the frozen-feature path takes no training step, "
                         "so nothing would learn from the teacher; drop one of them")
+    if model_names:
+        raise UserError("finetune.teacher with model.show_model_names=true: a student never sees the model names (the "
+                        "rows it will score have none); show them to the teacher only")
     if stage == "fit":
         raise UserError("stage=fit with finetune.teacher: distillation keeps each fold's targets free of that fold's "
                         "labels, and a full-data fit has no folds; train students with stage=finetune / all")
