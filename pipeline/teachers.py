@@ -79,6 +79,9 @@ class Teacher:
                           student_cfg: DictConfig) -> pd.DataFrame:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Free what the teacher held while making targets (a loaded model)."""
+
     def cached(self, file: Path, compute) -> pd.DataFrame:
         """The targets kept at `file` (its name carries what they depend on), computed and kept on first use."""
         if file.is_file():
@@ -121,6 +124,7 @@ class LLMTeacher(Teacher):
     """A finished fine-tune: fold k's adapter scores its own training rows (the in-fold pass)."""
 
     kind = "llm"
+    _scorer: tuple[int, "FoldScorer"] | None = None
 
     def data(self, model_cache_dir: str) -> TeacherData:
         cfg = recorded_config(self.exp, "finetune", model_cache_dir)
@@ -164,11 +168,15 @@ class LLMTeacher(Teacher):
             from pipeline import ray_labelling
 
             return ray_labelling.score(frame, FoldScorer, scorer_args, workers)
-        scorer = FoldScorer(**scorer_args)
-        try:
-            return scorer(frame)
-        finally:
-            scorer.release()
+        if self._scorer is None or self._scorer[0] != k:  # one load per fold: its training and unlabeled rows
+            self.release()
+            self._scorer = (k, FoldScorer(**scorer_args))
+        return self._scorer[1](frame)
+
+    def release(self) -> None:
+        if self._scorer is not None:
+            self._scorer[1].release()
+            self._scorer = None
 
 
 class FoldScorer:
@@ -217,6 +225,10 @@ class StageTwoTeacher(Teacher):
 
     kind = "stage_two"
 
+    def __init__(self, path: Path, exp: Path):
+        super().__init__(path, exp)
+        self._stack_data: dict[Path | None, tuple] = {}
+
     def data(self, model_cache_dir: str) -> TeacherData:
         from pipeline.predictor import recorded_experiment_config
 
@@ -241,7 +253,13 @@ class StageTwoTeacher(Teacher):
 
     def stack_data(self, data: TeacherData, unlabeled: inputs.Unlabeled | None = None):
         """The teacher's stage-two inputs (and, with `unlabeled`, those rows' as its test rows: their features are
-        extracted once by the teacher's own passes and kept in its embed folder)."""
+        extracted once by the teacher's own passes and kept in its embed folder), read once for every fold."""
+        key = None if unlabeled is None else unlabeled.path
+        if key not in self._stack_data:
+            self._stack_data[key] = self.read_stack_data(data, unlabeled)
+        return self._stack_data[key]
+
+    def read_stack_data(self, data: TeacherData, unlabeled: inputs.Unlabeled | None):
         from pipeline import context, embed_passes, feature_table
         from pipeline.stage_two import cv
         from pipeline.stage_two.design import stacker_inputs
@@ -317,8 +335,6 @@ class FoldTargets:
     which no target is made for), in train-file order."""
 
     by_fold: dict[int, np.ndarray]
-    teachers: list[str]
-    unlabeled: inputs.Unlabeled | None = None
     unlabeled_by_fold: dict[int, np.ndarray] | None = None  # per fold, data.unlabeled's rows' targets (file order)
 
 
@@ -344,7 +360,8 @@ def load(ctx: RunContext, fold_list: list[int], unlabeled: inputs.Unlabeled | No
                 frame = teacher.unlabeled_targets(k, data, unlabeled, ctx.cfg).set_index("id")
                 ids = unlabeled.data.frame["id"].to_numpy().astype(str)
                 pseudo[k] += frame.loc[ids, list(LABEL_COLUMNS)].to_numpy() / len(paths)
-    return FoldTargets(by_fold, [str(p) for p in paths], unlabeled, pseudo)
+        teacher.release()
+    return FoldTargets(by_fold, pseudo)
 
 
 def check(ctx: RunContext) -> list[dict]:
