@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from pipeline import embed_passes, inputs
 from pipeline.llm import modeling
+from pipeline.llm import adapters
 from pipeline.llm.adapters import merged_lora
 from pipeline.data import load_pairs
 
@@ -55,11 +56,18 @@ def test_a_merged_scoring_pass_agrees_with_the_unmerged_one_within_bf16_rounding
     assert largest_difference(merged, base) > 4 * largest_difference(merged, unmerged)
 
 
-def test_merging_restores_every_base_weight_bit_for_bit(scoring):
+@pytest.mark.parametrize("copies_on_device", [True, False], ids=["merged-copy-on-device", "originals-in-host-memory"])
+def test_merging_restores_every_base_weight_bit_for_bit(scoring, monkeypatch, copies_on_device):
     """After a merged pass (and after an error inside one) every weight of the model is what it was: the next fold's
-    adapter, the base-model vectors and the unmerged pass see the same base."""
+    adapter, the base-model vectors and the unmerged pass see the same base. Both ways of keeping the originals
+    (a merged copy beside them on the device; parked in host memory when no copy fits there) give the same
+    features, bit for bit."""
     cfg, tokenizer, models, rows = scoring
     model = models[torch.bfloat16]
+    on_device = features(cfg, tokenizer, model, rows, torch.bfloat16, merge=True)
+    monkeypatch.setattr(adapters, "_copies_fit_on_device", lambda layers: copies_on_device)
+    assert all(np.array_equal(on_device[k], v)
+               for k, v in features(cfg, tokenizer, model, rows, torch.bfloat16, merge=True).items())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     n_lora = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
     with merged_lora(model) as merged:

@@ -4,9 +4,12 @@ bit afterwards), and the fold adapters averaged into one (embed.test_adapters=av
 Merging: an unmerged LoRA linear costs the base matmul plus two skinny ones, a scaling and an add per call: on a CPU
 with matrix units that tripled a scoring pass (scripts/bench_embed.py). Merged, each linear is one matmul. The merge
 rounds W + scale * B A once into the weights' dtype, so features agree with the unmerged pass within that dtype's
-rounding (tests/test_speed_paths.py bounds it by the bf16-vs-fp32 difference). The merge happens on the loaded
-model in place; the original weights are kept on the CPU and copied back afterwards, so the next fold's adapter, the
-base-model vectors and a later training step see the same base weights as before, to the bit.
+rounding (tests/test_speed_paths.py bounds it by the bf16-vs-fp32 difference). Each merged linear gets a merged copy
+of its weight for the pass while the original tensor is set aside untouched and put back afterwards, so the next
+fold's adapter, the base-model vectors and a later training step see the same base weights as before, to the bit.
+The copies live on the model's device when they fit there (no transfer: on a GPU, parking an 8B model's weights in
+host memory and copying them back cost 26 s per pass, 100x the pass itself); where they do not fit, the originals
+wait in host memory while the merge happens in place.
 """
 from __future__ import annotations
 
@@ -36,30 +39,53 @@ def _mergeable_layers(model) -> list:
     return layers
 
 
+def _copies_fit_on_device(layers: list) -> bool:
+    """Whether a second copy of these layers' weights fits beside the model on its device (the CPU: always)."""
+    weights = [layer.get_base_layer().weight for layer in layers]
+    if not weights or weights[0].device.type != "cuda":
+        return True
+    needed = sum(w.numel() * w.element_size() for w in weights)
+    free, _ = torch.cuda.mem_get_info(weights[0].device)
+    return needed < 0.8 * free  # headroom for the pass's activations
+
+
 @contextmanager
 def merged_lora(model, enabled: bool = True) -> Iterator[int]:
     """Within the block, every mergeable LoRA layer of `model` runs as one linear with its active adapter merged in;
     on leaving (also on an error) the base weights are what they were, bit for bit. Yields how many layers were
     merged (0 when disabled or when nothing can be merged: the block then runs the model as it is)."""
     layers = _mergeable_layers(model) if enabled else []
-    saved = []
+    on_device = _copies_fit_on_device(layers)
+    saved = []  # (layer, original weight, original bias): the tensors themselves, or their host copies
     try:
         with torch.no_grad():
             for layer in layers:
                 base = layer.get_base_layer()
-                bias = None if base.bias is None else base.bias.detach().to("cpu", copy=True)
-                saved.append((layer, base.weight.detach().to("cpu", copy=True), bias))
+                bias = None if base.bias is None else base.bias.data
+                if on_device:  # merge into a copy; the original tensor is put back untouched
+                    saved.append((layer, base.weight.data, bias))
+                    base.weight.data = base.weight.data.clone()
+                    if bias is not None:
+                        base.bias.data = bias.clone()
+                else:
+                    saved.append((layer, base.weight.data.to("cpu", copy=True),
+                                  None if bias is None else bias.to("cpu", copy=True)))
                 layer.merge()
         yield len(layers)
     finally:
         with torch.no_grad():
             for layer, weight, bias in saved:
                 if layer.merged:
-                    layer.unmerge()  # peft's bookkeeping; its subtraction is not exact, the copy below is
+                    layer.unmerge()  # peft's bookkeeping; its subtraction is not exact, the originals below are
                 base = layer.get_base_layer()
-                base.weight.copy_(weight)
-                if bias is not None:
-                    base.bias.copy_(bias)
+                if on_device:
+                    base.weight.data = weight
+                    if bias is not None:
+                        base.bias.data = bias
+                else:
+                    base.weight.copy_(weight)
+                    if bias is not None:
+                        base.bias.copy_(bias)
 
 
 def average_adapters(adapters: list[Path], target: Path) -> None:
