@@ -9,7 +9,8 @@ alone through the backbone (AutoModel) for their mean-pooled last hidden state.
 pipeline:    one pass per pair (one orientation, as each embed pass is) in the compute dtype, rows sorted by
 length, token-budget batches with dynamic padding, a forward hook keeping only the pooled layer, the fold's LoRA
 merged into the base weights (embed.merge_lora). Beside it, the same pass as it ran before: LoRA unmerged (base +
-two skinny matmuls per linear), first with PEFT's input casts (bf16 -> fp32, undone by autocast), then without.
+two skinny matmuls per linear), first with PEFT's input casts (bf16 -> fp32, undone by autocast), then without,
+then with batches closed before 10% padding (inference.length_batches) instead of filling the token budget.
 memory_ratio: each recipe runs in its own process with --batch-rows rows per batch; its peak RSS above its RSS
 after model load, seed over pipeline (the pipeline's includes the copy of the base weights a merge keeps).
 peak_fraction: (2*N per real token + attention 4*T^2*d per layer) per second over this machine's square-GEMM peak
@@ -20,6 +21,7 @@ before and after, under torch.profiler. --compile: also the merged pass with the
 dynamic shapes), its one-time compile seconds and after how many rows it is repaid (measured only; the pipeline
 runs eager).
 Last line: speedup=X.XX memory_ratio=Y.YY peak_fraction=Z.ZZ model_shape_fraction=F.FF merge_speedup=M.MM
+batching_speedup=B.BB (batches closed before 10% padding against batches that fill the token budget, both unmerged)
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import benchmarking as bench  # noqa: E402  (scripts/benchmarking.py, beside thi
 from pipeline.llm import modeling  # noqa: E402
 from pipeline.llm.adapters import merged_lora  # noqa: E402
 from pipeline.formatting import encode_frame, segment_text, tokenizer_fn  # noqa: E402
-from pipeline.llm.inference import forward_pass, pad_batch  # noqa: E402
+from pipeline.llm.inference import MAX_BATCH_PADDING, forward_pass, length_batches, pad_batch  # noqa: E402
 
 
 @torch.inference_mode()
@@ -86,8 +88,10 @@ def load(cfg, source, tokenizer, dtype, on):
     return model, n_params
 
 
-# The pipeline's pass as it was before each speed lever, then as it is: (merge the LoRA, skip PEFT's input casts).
-PASSES = {"before": (False, False), "no_casts": (False, True), "pipeline": (True, True)}
+# The pipeline's pass as it was before each speed lever, then as it is: (merge the LoRA, skip PEFT's input casts,
+# close a batch before its padding passes this share: None = fill the token budget, as before).
+PASSES = {"before": (False, False, None), "no_casts": (False, True, None),
+          "batches": (False, True, MAX_BATCH_PADDING), "pipeline": (True, True, MAX_BATCH_PADDING)}
 
 
 def run_recipe(args, recipe: str, model, cfg, on, tokenizer, frame, encoded, dtype, batch_tokens: int,
@@ -96,11 +100,11 @@ def run_recipe(args, recipe: str, model, cfg, on, tokenizer, frame, encoded, dty
     if recipe == "seed":
         seed_recipe(model, tokenizer, frame, encoded, cfg.model.max_length, args.batch_rows, on)
     else:
-        merge, skip_casts = PASSES[recipe]
+        merge, skip_casts, max_padding = PASSES[recipe]
         modeling.set_lora_input_casts(model, not skip_casts)
         with merged_lora(model, enabled=merge):
             forward_pass(model, encoded, tokenizer.pad_token_id, batch_tokens, on, dtype,
-                         layers=list(cfg.embed.layers), max_rows=max_rows)
+                         layers=list(cfg.embed.layers), max_rows=max_rows, max_padding=max_padding)
     bench.synchronize(on)
     return time.perf_counter() - start
 
@@ -175,6 +179,10 @@ def main() -> None:
     seconds = {recipe: run_recipe(args, recipe, model, cfg, on, tokenizer, frame, encoded, dtype,
                                   cfg.embed.batch_tokens, None) for recipe in PASSES}
     pipe_s = seconds["pipeline"]
+    waste = {}
+    for max_padding in (None, MAX_BATCH_PADDING):
+        batches = length_batches(lengths, int(cfg.embed.batch_tokens), max_padding=max_padding)
+        waste[max_padding] = 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
     compiled = compiled_pass(args, model, cfg, on, tokenizer, frame, encoded, dtype) if args.compile else None
     flops = 2 * n_params * sum(lengths) + bench.attention_flops(lengths, backbone.num_hidden_layers,
                                                                backbone.hidden_size)
@@ -195,6 +203,8 @@ def main() -> None:
             (f"before: {name}, 1 pass, hook, sorted token batches, LoRA unmerged, PEFT input casts",
              seconds["before"], None),
             ("  + no PEFT input casts", seconds["no_casts"], None),
+            (f"  + batches closed before {MAX_BATCH_PADDING:.0%} padding (padding {waste[None]:.2f} -> "
+             f"{waste[MAX_BATCH_PADDING]:.2f})", seconds["batches"], None),
             ("  + LoRA merged into the base weights (pipeline)", pipe_s, memory["pipeline"])]
     if compiled is not None:
         rows.append((f"  + torch.compile of the decoder, dynamic shapes (compile: {compiled['compile_s']:.0f} s, "
@@ -215,7 +225,8 @@ def main() -> None:
               "compile: no faster than the merged pass")
     print(f"speedup={seed_s / pipe_s:.2f} memory_ratio={memory['seed'] / max(memory['pipeline'], 1):.2f} "
           f"peak_fraction={flops / pipe_s / peak:.2f} model_shape_fraction={flops / pipe_s / shape_rate:.2f} "
-          f"merge_speedup={seconds['before'] / pipe_s:.2f}")
+          f"merge_speedup={seconds['before'] / pipe_s:.2f} "
+          f"batching_speedup={seconds['no_casts'] / seconds['batches']:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pipeline.llm import modeling
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame, segment_text
-from pipeline.llm.inference import forward_pass, span_weights
+from pipeline.llm.inference import MAX_BATCH_PADDING, MIN_BATCH_SHARE, forward_pass, length_batches, span_weights
 from pipeline.stages import stack
 
 
@@ -61,6 +61,36 @@ def test_padding_side_and_batch_composition_do_not_change_a_row(fold_model):
                 for key, matrix in single.vectors.items():
                     np.testing.assert_allclose(out.vectors[key][i], matrix[0], atol=1e-4, rtol=1e-4)
                 np.testing.assert_allclose(out.logits[i], single.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def padding(lengths: list[int], batches: list[list[int]]) -> float:
+    return 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_scoring_batches_close_before_padding_dominates():
+    """Every row once, longest first, within the token budget and max_rows; a batch that already holds
+    batch_tokens / MIN_BATCH_SHARE real tokens closes before padding would pass MAX_BATCH_PADDING of it, so short
+    rows of mixed lengths (the demo data) stop padding half of each batch; without the rule (max_padding=None)
+    batches fill the budget as before."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 150, 200).tolist()
+    budget = 8192
+    batches = length_batches(lengths, budget)
+    filled = length_batches(lengths, budget, max_padding=None)
+    for grouping in (batches, filled):
+        assert sorted(i for b in grouping for i in b) == list(range(200))
+        assert all(len(b) * lengths[b[0]] <= budget and lengths[b[0]] == max(lengths[i] for i in b) for b in grouping)
+    enough = budget / MIN_BATCH_SHARE
+    for b in batches[:-1]:
+        closed_early = len(b) * lengths[b[0]] < budget - lengths[b[0]]
+        if closed_early:  # it had enough real tokens, and one more row would have padded too much
+            assert sum(lengths[i] for i in b) >= enough
+    assert all(padding(lengths, [b]) <= MAX_BATCH_PADDING for b in batches[:-1]
+               if sum(lengths[i] for i in b[:-1]) >= enough)
+    assert padding(lengths, batches) < 0.12 and padding(lengths, filled) > 1.5 * padding(lengths, batches)
+    assert all(len(b) <= 5 for b in length_batches(lengths, budget, max_rows=5))
+    tiny = length_batches([100, 10, 10], budget)  # too few real tokens to close early: one batch
+    assert tiny == [[0, 1, 2]]
 
 
 def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):
