@@ -48,6 +48,11 @@ def validate(embed_cfg: DictConfig) -> None:
                         "rows, features averaged) or averaged (the fold adapters averaged into one: one pass)")
     if int(embed_cfg.batch_tokens) < 1:
         raise UserError(f"embed.batch_tokens={embed_cfg.batch_tokens}: must be a positive token budget")
+    padding = embed_cfg.max_batch_padding
+    if padding is not None and (isinstance(padding, bool) or not isinstance(padding, (int, float))
+                                or not 0 <= padding < 1):
+        raise UserError(f"embed.max_batch_padding={padding}: give a share of a batch in [0, 1), e.g. 0.1, or null "
+                        "to fill every batch up to embed.batch_tokens")
     if embed_cfg.max_length is not None:
         require_int(embed_cfg.max_length, "embed.max_length", 16)
     for key in ("lm_features", "merge_lora"):
@@ -133,7 +138,7 @@ def pass_features(model, rows: Rows, settings: PassSettings, desc: str = "") -> 
         return forward_pass(model, encoded, settings.pad_id, int(embed_cfg.batch_tokens), settings.device,
                             settings.dtype, layers=list(embed_cfg.layers), pooling=embed_cfg.pooling,
                             padding_side=embed_cfg.padding_side, desc=f"{desc} {name}".strip(),
-                            lm_head=settings.lm_head(model))
+                            lm_head=settings.lm_head(model), max_padding=embed_cfg.max_batch_padding)
 
     orientations = [("fwd", rows.encoded)] + ([("swp", rows.swapped)] if rows.swapped is not None else [])
     out: dict[str, np.ndarray] = {}

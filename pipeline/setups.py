@@ -12,7 +12,7 @@ from pipeline import artifacts, inputs
 # cache_prefix computes the same steps (tested: same loss and gradients), only faster.
 FINETUNE_OPERATIONAL = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "deepspeed", "folds",
                         "cache_prefix", "cache_prefix_max_gb", "teacher_workers")
-EMBED_OPERATIONAL = ("batch_tokens", "padding_side")
+EMBED_OPERATIONAL = ("batch_tokens", "padding_side", "max_batch_padding")
 # Embed settings that change only the test features (never the OOF features or what the stacker learns from).
 EMBED_TEST_ONLY = ("test_adapters",)
 # Settings added after experiments were made, with the value that computes what those experiments computed: at that
@@ -21,7 +21,9 @@ EMBED_TEST_ONLY = ("test_adapters",)
 HARD_LABEL_LOSS = "pipeline.llm.losses.HardLabelCrossEntropy"
 ADDED_LATER = {"finetune": {"train": True, "init_adapter": None, "teacher": None,
                             "loss": lambda ft: {"_target_": HARD_LABEL_LOSS, "label_smoothing": ft["label_smoothing"]}},
-               "embed": {"max_length": None, "lm_features": False, "merge_lora": False},
+               # max_batch_padding is operational (never hashed); its neutral value makes an experiment's recorded
+               # config (an export, Predictor.load) batch rows as that experiment did: the same features, to the bit
+               "embed": {"max_length": None, "lm_features": False, "merge_lora": False, "max_batch_padding": None},
                "model": {"show_model_names": False},
                "stack": {"pooling": "log_linear", "blend_robust": 0.0, "calibrate": False, "fallback_margin": None}}
 # The same for each stack member's settings (stack.members.<name>.<key>).

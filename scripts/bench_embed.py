@@ -40,7 +40,7 @@ import benchmarking as bench  # noqa: E402  (scripts/benchmarking.py, beside thi
 from pipeline.llm import modeling  # noqa: E402
 from pipeline.llm.adapters import merged_lora  # noqa: E402
 from pipeline.formatting import encode_frame, segment_text, tokenizer_fn  # noqa: E402
-from pipeline.llm.inference import MAX_BATCH_PADDING, forward_pass, length_batches, pad_batch  # noqa: E402
+from pipeline.llm.inference import forward_pass, length_batches, pad_batch  # noqa: E402
 
 
 @torch.inference_mode()
@@ -89,9 +89,9 @@ def load(cfg, source, tokenizer, dtype, on):
 
 
 # The pipeline's pass as it was before each speed lever, then as it is: (merge the LoRA, skip PEFT's input casts,
-# close a batch before its padding passes this share: None = fill the token budget, as before).
-PASSES = {"before": (False, False, None), "no_casts": (False, True, None),
-          "batches": (False, True, MAX_BATCH_PADDING), "pipeline": (True, True, MAX_BATCH_PADDING)}
+# close batches early at embed.max_batch_padding instead of filling the token budget).
+PASSES = {"before": (False, False, False), "no_casts": (False, True, False), "batches": (False, True, True),
+          "pipeline": (True, True, True)}
 
 
 def run_recipe(args, recipe: str, model, cfg, on, tokenizer, frame, encoded, dtype, batch_tokens: int,
@@ -100,7 +100,8 @@ def run_recipe(args, recipe: str, model, cfg, on, tokenizer, frame, encoded, dty
     if recipe == "seed":
         seed_recipe(model, tokenizer, frame, encoded, cfg.model.max_length, args.batch_rows, on)
     else:
-        merge, skip_casts, max_padding = PASSES[recipe]
+        merge, skip_casts, close_early = PASSES[recipe]
+        max_padding = cfg.embed.max_batch_padding if close_early else None
         modeling.set_lora_input_casts(model, not skip_casts)
         with merged_lora(model, enabled=merge):
             forward_pass(model, encoded, tokenizer.pad_token_id, batch_tokens, on, dtype,
@@ -180,7 +181,8 @@ def main() -> None:
                                   cfg.embed.batch_tokens, None) for recipe in PASSES}
     pipe_s = seconds["pipeline"]
     waste = {}
-    for max_padding in (None, MAX_BATCH_PADDING):
+    close_at = cfg.embed.max_batch_padding
+    for max_padding in (None, close_at):
         batches = length_batches(lengths, int(cfg.embed.batch_tokens), max_padding=max_padding)
         waste[max_padding] = 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
     compiled = compiled_pass(args, model, cfg, on, tokenizer, frame, encoded, dtype) if args.compile else None
@@ -203,8 +205,8 @@ def main() -> None:
             (f"before: {name}, 1 pass, hook, sorted token batches, LoRA unmerged, PEFT input casts",
              seconds["before"], None),
             ("  + no PEFT input casts", seconds["no_casts"], None),
-            (f"  + batches closed before {MAX_BATCH_PADDING:.0%} padding (padding {waste[None]:.2f} -> "
-             f"{waste[MAX_BATCH_PADDING]:.2f})", seconds["batches"], None),
+            (f"  + batches closed before {close_at} padding (embed.max_batch_padding; padding {waste[None]:.2f} -> "
+             f"{waste[close_at]:.2f})", seconds["batches"], None),
             ("  + LoRA merged into the base weights (pipeline)", pipe_s, memory["pipeline"])]
     if compiled is not None:
         rows.append((f"  + torch.compile of the decoder, dynamic shapes (compile: {compiled['compile_s']:.0f} s, "

@@ -155,6 +155,7 @@ def test_settings_added_later_keep_older_experiments_current(tmp_path, model_cac
     assert setups.stack_setup(older) == setups.stack_setup(cfg)
     completed = setups.with_added_settings(older)
     assert completed.embed.max_length is None and completed.finetune.train is True
+    assert completed.embed.max_batch_padding is None  # batched as before: an old export scores to the bit
     changed = compose_resolved(["model=tiny", "embed.max_length=512", *paths])
     assert setups.embed_setup(changed, {"config_hash": "f", "data": "d"}) != \
         setups.embed_setup(cfg, {"config_hash": "f", "data": "d"})

@@ -15,7 +15,7 @@ from pipeline.llm import modeling
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame, segment_text
-from pipeline.llm.inference import MAX_BATCH_PADDING, MIN_BATCH_SHARE, forward_pass, length_batches, span_weights
+from pipeline.llm.inference import MIN_BATCH_SHARE, forward_pass, length_batches, span_weights
 from pipeline.stages import stack
 
 
@@ -69,14 +69,14 @@ def padding(lengths: list[int], batches: list[list[int]]) -> float:
 
 def test_scoring_batches_close_before_padding_dominates():
     """Every row once, longest first, within the token budget and max_rows; a batch that already holds
-    batch_tokens / MIN_BATCH_SHARE real tokens closes before padding would pass MAX_BATCH_PADDING of it, so short
+    batch_tokens / MIN_BATCH_SHARE real tokens closes before padding would pass max_padding of it, so short
     rows of mixed lengths (the demo data) stop padding half of each batch; without the rule (max_padding=None)
     batches fill the budget as before."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 150, 200).tolist()
     budget = 8192
-    batches = length_batches(lengths, budget)
-    filled = length_batches(lengths, budget, max_padding=None)
+    batches = length_batches(lengths, budget, max_padding=0.1)
+    filled = length_batches(lengths, budget)
     for grouping in (batches, filled):
         assert sorted(i for b in grouping for i in b) == list(range(200))
         assert all(len(b) * lengths[b[0]] <= budget and lengths[b[0]] == max(lengths[i] for i in b) for b in grouping)
@@ -85,12 +85,33 @@ def test_scoring_batches_close_before_padding_dominates():
         closed_early = len(b) * lengths[b[0]] < budget - lengths[b[0]]
         if closed_early:  # it had enough real tokens, and one more row would have padded too much
             assert sum(lengths[i] for i in b) >= enough
-    assert all(padding(lengths, [b]) <= MAX_BATCH_PADDING for b in batches[:-1]
+    assert all(padding(lengths, [b]) <= 0.1 for b in batches[:-1]
                if sum(lengths[i] for i in b[:-1]) >= enough)
     assert padding(lengths, batches) < 0.12 and padding(lengths, filled) > 1.5 * padding(lengths, batches)
-    assert all(len(b) <= 5 for b in length_batches(lengths, budget, max_rows=5))
-    tiny = length_batches([100, 10, 10], budget)  # too few real tokens to close early: one batch
+    assert all(len(b) <= 5 for b in length_batches(lengths, budget, max_rows=5, max_padding=0.1))
+    tiny = length_batches([100, 10, 10], budget, max_padding=0.1)  # too few real tokens to close early: one batch
     assert tiny == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("max_batch_padding", [0.1, None])
+def test_scoring_passes_batch_rows_by_embed_max_batch_padding(fold_model, tiny_experiment, monkeypatch,
+                                                               max_batch_padding):
+    """The pipeline's passes hand embed.max_batch_padding to the batching (null, an older experiment's recorded
+    value, batches as before), and a value outside [0, 1) is refused in one line."""
+    from pipeline.llm import inference
+
+    model, tokenizer, encoded, _ = fold_model
+    cfg = tiny_experiment[0]
+    seen = []
+    real = inference.length_batches
+    monkeypatch.setattr(inference, "length_batches", lambda *a, **kw: seen.append(a[3]) or real(*a, **kw))
+    embed = OmegaConf.merge(cfg.embed, {"max_batch_padding": max_batch_padding, "swap_tta": False})
+    settings = embed_passes.PassSettings(tokenizer.pad_token_id, embed, torch.device("cpu"), torch.float32)
+    embed_passes.pass_features(model, embed_passes.Rows(encoded, None), settings)
+    assert seen == [max_batch_padding]
+    for bad in (1.0, -0.1, True, "x"):
+        with pytest.raises(UserError, match="embed.max_batch_padding"):
+            embed_passes.validate(OmegaConf.merge(cfg.embed, {"max_batch_padding": bad}))
 
 
 def test_spans_cover_exactly_the_truncated_responses(tiny_cfg):

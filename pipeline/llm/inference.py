@@ -69,17 +69,16 @@ def span_likelihoods(hidden: torch.Tensor, ids: torch.Tensor, spans: Sequence[Se
     return means.reshape(len(spans), n_spans, 2).float().numpy()
 
 
-MAX_BATCH_PADDING = 0.1  # a scoring batch closes before padding would exceed this share of its tokens ...
-MIN_BATCH_SHARE = 8      # ... once it holds batch_tokens / this many real tokens (matmuls keep their rate: on a
-                         # CPU a decoder layer's linears ran as fast at 1,024 tokens as at 8,192)
+MIN_BATCH_SHARE = 8  # a batch closes early only once it holds batch_tokens / this many real tokens (matmuls keep
+                     # their rate: on a CPU a decoder layer's linears ran as fast at 1,024 tokens as at 8,192)
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = None,
-                   max_padding: float | None = MAX_BATCH_PADDING) -> list[list[int]]:
+                   max_padding: float | None = None) -> list[list[int]]:
     """Row indices grouped longest-first so that rows x padded length stays within `batch_tokens`. A batch also
-    closes early where the next row would make more than `max_padding` of it padding (None: never), once it holds
-    batch_tokens / MIN_BATCH_SHARE real tokens: on short rows (the demo data: 20 to 150 tokens) filling the budget
-    alone padded half of every batch. Padding waste only rises as shorter rows join, so the cut is well-defined."""
+    closes early where the next row would make more than `max_padding` of it padding (None: never; the pipeline
+    passes embed.max_batch_padding), once it holds batch_tokens / MIN_BATCH_SHARE real tokens: on short rows (the
+    demo data: 20 to 150 tokens) filling the budget alone padded half of every batch. Padding waste only rises as shorter rows join, so the cut is well-defined."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     enough = batch_tokens / MIN_BATCH_SHARE
     batches: list[list[int]] = []
@@ -162,7 +161,7 @@ def capture_module(model, fraction: float):
 def forward_pass(model, encoded: Sequence[EncodedPair], pad_id: int, batch_tokens: int, on: torch.device,
                  dtype: torch.dtype, layers: Sequence[float] = (), pooling: str = "mean",
                  padding_side: str = "right", max_rows: int | None = None, desc: str | None = None,
-                 lm_head: LMHead | None = None, max_padding: float | None = MAX_BATCH_PADDING) -> PassOutput:
+                 lm_head: LMHead | None = None, max_padding: float | None = None) -> PassOutput:
     """Logits for every row and, for each layer fraction in `layers`, the prompt / response_a / response_b spans
     pooled (mean or last token) and the verdict vector (the last token), all from the same pass: forward hooks
     keep only the captured layers' outputs. With `lm_head`, also the LM's mean log-likelihood and entropy of each

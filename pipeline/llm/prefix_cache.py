@@ -61,7 +61,7 @@ def cache_gb(lengths: list[int], hidden: int, dtype: torch.dtype) -> float:
 
 @torch.inference_mode()
 def compute(model, input_ids: list[list[int]], first: int, pad_id: int, batch_tokens: int, on: torch.device,
-            dtype: torch.dtype) -> list[torch.Tensor]:
+            dtype: torch.dtype, max_padding: float | None = None) -> list[torch.Tensor]:
     """Each row's output of decoder layer `first - 1` (its own length, no padding), stored in `dtype` on the CPU.
     The pass stops there: the layers above are not run."""
     body = backbone(model)
@@ -79,7 +79,7 @@ def compute(model, input_ids: list[list[int]], first: int, pad_id: int, batch_to
     was_training = model.training
     model.eval()
     try:
-        for batch in length_batches([len(r) for r in input_ids], batch_tokens):
+        for batch in length_batches([len(r) for r in input_ids], batch_tokens, max_padding=max_padding):
             ids, mask, _ = pad_batch([input_ids[i] for i in batch], pad_id)
             with torch.autocast(device_type=on.type, dtype=dtype, enabled=dtype != torch.float32):
                 try:

@@ -266,7 +266,7 @@ def with_cached_prefix(cfg: DictConfig, model, rows: list[dict], pad_id: int, on
         return rows, None
     start = time.perf_counter()
     prefixes = prefix_cache.compute(model, [r["input_ids"] for r in rows], first, pad_id,
-                                    int(cfg.embed.batch_tokens), on, dtype)
+                                    int(cfg.embed.batch_tokens), on, dtype, cfg.embed.max_batch_padding)
     log.info("finetune.cache_prefix: layers 0-%d of %d rows cached once (%.2f GB, %.0f s)", first - 1, len(rows),
              size, time.perf_counter() - start)
     return [{**r, "prefix": p} for r, p in zip(rows, prefixes)], prefix_cache.PrefixCache.install(model, first)
