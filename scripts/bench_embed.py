@@ -40,7 +40,7 @@ import benchmarking as bench  # noqa: E402  (scripts/benchmarking.py, beside thi
 from pipeline.llm import modeling  # noqa: E402
 from pipeline.llm.adapters import merged_lora  # noqa: E402
 from pipeline.formatting import encode_frame, segment_text, tokenizer_fn  # noqa: E402
-from pipeline.llm.inference import forward_pass, length_batches, pad_batch  # noqa: E402
+from pipeline.llm.inference import forward_pass, length_batches, pad_batch, padding_share  # noqa: E402
 
 
 @torch.inference_mode()
@@ -180,11 +180,10 @@ def main() -> None:
     seconds = {recipe: run_recipe(args, recipe, model, cfg, on, tokenizer, frame, encoded, dtype,
                                   cfg.embed.batch_tokens, None) for recipe in PASSES}
     pipe_s = seconds["pipeline"]
-    waste = {}
     close_at = cfg.embed.max_batch_padding
-    for max_padding in (None, close_at):
-        batches = length_batches(lengths, int(cfg.embed.batch_tokens), max_padding=max_padding)
-        waste[max_padding] = 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    waste = {max_padding: padding_share(lengths, length_batches(lengths, int(cfg.embed.batch_tokens),
+                                                                max_padding=max_padding))
+             for max_padding in (None, close_at)}
     compiled = compiled_pass(args, model, cfg, on, tokenizer, frame, encoded, dtype) if args.compile else None
     flops = 2 * n_params * sum(lengths) + bench.attention_flops(lengths, backbone.num_hidden_layers,
                                                                backbone.hidden_size)

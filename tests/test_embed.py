@@ -15,7 +15,7 @@ from pipeline.llm import modeling
 from pipeline.data import load_pairs
 from pipeline.errors import UserError
 from pipeline.formatting import encode_frame, segment_text
-from pipeline.llm.inference import MIN_BATCH_SHARE, forward_pass, length_batches, span_weights
+from pipeline.llm.inference import MIN_BATCH_SHARE, forward_pass, length_batches, padding_share, span_weights
 from pipeline.stages import stack
 
 
@@ -63,10 +63,6 @@ def test_padding_side_and_batch_composition_do_not_change_a_row(fold_model):
                 np.testing.assert_allclose(out.logits[i], single.logits[0], atol=1e-4, rtol=1e-4)
 
 
-def padding(lengths: list[int], batches: list[list[int]]) -> float:
-    return 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
-
-
 def test_scoring_batches_close_before_padding_dominates():
     """Every row once, longest first, within the token budget and max_rows; a batch that already holds
     batch_tokens / MIN_BATCH_SHARE real tokens closes before padding would pass max_padding of it, so short
@@ -85,9 +81,9 @@ def test_scoring_batches_close_before_padding_dominates():
         closed_early = len(b) * lengths[b[0]] < budget - lengths[b[0]]
         if closed_early:  # it had enough real tokens, and one more row would have padded too much
             assert sum(lengths[i] for i in b) >= enough
-    assert all(padding(lengths, [b]) <= 0.1 for b in batches[:-1]
+    assert all(padding_share(lengths, [b]) <= 0.1 for b in batches[:-1]
                if sum(lengths[i] for i in b[:-1]) >= enough)
-    assert padding(lengths, batches) < 0.12 and padding(lengths, filled) > 1.5 * padding(lengths, batches)
+    assert padding_share(lengths, batches) < 0.12 and padding_share(lengths, filled) > 1.5 * padding_share(lengths, batches)
     assert all(len(b) <= 5 for b in length_batches(lengths, budget, max_rows=5, max_padding=0.1))
     tiny = length_batches([100, 10, 10], budget, max_padding=0.1)  # too few real tokens to close early: one batch
     assert tiny == [[0, 1, 2]]

@@ -56,36 +56,30 @@ def merged_lora(model, enabled: bool = True) -> Iterator[int]:
     merged (0 when disabled or when nothing can be merged: the block then runs the model as it is)."""
     layers = _mergeable_layers(model) if enabled else []
     on_device = _copies_fit_on_device(layers)
-    saved = []  # (layer, original weight, original bias): the tensors themselves, or their host copies
+    saved = []  # (layer, its base's original tensors: themselves on the device, else host copies)
     try:
         with torch.no_grad():
             for layer in layers:
-                base = layer.get_base_layer()
-                bias = None if base.bias is None else base.bias.data
-                if on_device:  # merge into a copy; the original tensor is put back untouched
-                    saved.append((layer, base.weight.data, bias))
-                    base.weight.data = base.weight.data.clone()
-                    if bias is not None:
-                        base.bias.data = bias.clone()
-                else:
-                    saved.append((layer, base.weight.data.to("cpu", copy=True),
-                                  None if bias is None else bias.to("cpu", copy=True)))
+                params = _base_params(layer)
+                saved.append((layer, [p.data if on_device else p.data.to("cpu", copy=True) for p in params]))
+                if on_device:  # the merge goes into a copy; the originals stay untouched
+                    for param in params:
+                        param.data = param.data.clone()
                 layer.merge()
         yield len(layers)
     finally:
         with torch.no_grad():
-            for layer, weight, bias in saved:
+            for layer, originals in saved:
                 if layer.merged:
                     layer.unmerge()  # peft's bookkeeping; its subtraction is not exact, the originals below are
-                base = layer.get_base_layer()
-                if on_device:
-                    base.weight.data = weight
-                    if bias is not None:
-                        base.bias.data = bias
-                else:
-                    base.weight.copy_(weight)
-                    if bias is not None:
-                        base.bias.copy_(bias)
+                for param, original in zip(_base_params(layer), originals):
+                    param.data = original.to(param.device)  # on the device: the same tensor, no copy
+
+
+def _base_params(layer) -> list[torch.nn.Parameter]:
+    """The weight and (where there is one) the bias of a LoRA layer's base linear: what a merge changes."""
+    base = layer.get_base_layer()
+    return [p for p in (base.weight, base.bias) if p is not None]
 
 
 def average_adapters(adapters: list[Path], target: Path) -> None:

@@ -78,7 +78,8 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | No
     """Row indices grouped longest-first so that rows x padded length stays within `batch_tokens`. A batch also
     closes early where the next row would make more than `max_padding` of it padding (None: never; the pipeline
     passes embed.max_batch_padding), once it holds batch_tokens / MIN_BATCH_SHARE real tokens: on short rows (the
-    demo data: 20 to 150 tokens) filling the budget alone padded half of every batch. Padding waste only rises as shorter rows join, so the cut is well-defined."""
+    demo data: 20 to 150 tokens) filling the budget alone padded half of every batch. Padding only rises as shorter
+    rows join, so the cut is well-defined."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     enough = batch_tokens / MIN_BATCH_SHARE
     batches: list[list[int]] = []
@@ -98,6 +99,11 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | No
     if current:
         batches.append(current)
     return batches
+
+
+def padding_share(lengths: Sequence[int], batches: list[list[int]]) -> float:
+    """The share of the padded tokens of these batches that are padding (each batch padded to its longest row)."""
+    return 1 - sum(lengths) / sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right",
