@@ -19,7 +19,7 @@ EMBED_TEST_ONLY = ("test_adapters",)
 # value a setting is left out of the hashes, so finished work stays valid; any other value is hashed as usual. A value
 # that depends on the group's other settings is a function of them.
 HARD_LABEL_LOSS = "pipeline.llm.losses.HardLabelCrossEntropy"
-ADDED_LATER = {"finetune": {"train": True, "init_adapter": None, "teacher": None,
+ADDED_LATER = {"finetune": {"train": True, "init_adapter": None, "teacher": None, "top_layers": None,
                             "loss": lambda ft: {"_target_": HARD_LABEL_LOSS, "label_smoothing": ft["label_smoothing"]}},
                # max_batch_padding is operational (never hashed); its neutral value makes an experiment's recorded
                # config (an export, Predictor.load) batch rows as that experiment did: the same features, to the bit

@@ -8,7 +8,7 @@ from omegaconf import DictConfig, ListConfig
 
 from pipeline import embed_passes
 from pipeline.feature_table import produced_inputs
-from pipeline.llm import modeling, prefix_cache, warm_start
+from pipeline.llm import modeling, warm_start
 from pipeline.errors import UserError, require_int, require_number
 from pipeline.formatting import TRUNCATION_SIDES
 from pipeline.predictor import EXPORT_MODES
@@ -127,14 +127,20 @@ def validate_teacher(ft: DictConfig, stage: str, model_names: bool) -> None:
 
 
 def validate_lora_layers(ft: DictConfig, depth: int | None = None) -> None:
-    """finetune.lora.layers_to_transform and finetune.cache_prefix, as far as they can be told without (or, with
-    `depth`, with) the model: layers inside its depth, and a cached prefix below a list of target modules."""
+    """finetune.top_layers and finetune.lora.layers_to_transform, as far as they can be told without (or, with
+    `depth`, with) the model: one way of choosing the layers, layers inside its depth, and a list of target modules
+    beside layers_to_transform (peft takes no string there; top_layers turns all-linear into the list itself)."""
     layers = ft.lora.get("layers_to_transform")
-    if ft.get("cache_prefix"):
-        prefix_cache.first_trained_layer(ft.lora)  # one error line when no frozen prefix exists
-        if isinstance(ft.lora.get("target_modules"), str):
-            raise UserError(f"finetune.cache_prefix=true with finetune.lora.target_modules={ft.lora.target_modules}: "
-                            "layers_to_transform needs a list of modules, e.g. [q_proj, k_proj, v_proj, o_proj]")
+    targets = ft.lora.get("target_modules")
+    if ft.top_layers is not None:
+        require_int(ft.top_layers, "finetune.top_layers", 1)
+        if layers is not None:
+            raise UserError(f"finetune.top_layers={ft.top_layers} and finetune.lora.layers_to_transform={layers} both "
+                            "choose the trained layers: set finetune.top_layers=null to list them yourself")
+        if isinstance(targets, str) and targets != modeling.ALL_LINEAR:
+            raise UserError(f"finetune.top_layers={ft.top_layers} with finetune.lora.target_modules={targets}: use "
+                            f"{modeling.ALL_LINEAR} or a list of modules, e.g. [q_proj, k_proj, v_proj, o_proj] (or "
+                            "finetune.top_layers=null to train every layer)")
     if layers is None:
         return
     listed = [layers] if isinstance(layers, int) else list(layers)
@@ -142,6 +148,10 @@ def validate_lora_layers(ft: DictConfig, depth: int | None = None) -> None:
     if bad:
         bound = f"0..{depth - 1} (the model has {depth} layers)" if depth else "layer numbers >= 0"
         raise UserError(f"finetune.lora.layers_to_transform={listed}: {bad} are not layers of this model; use {bound}")
+    if isinstance(targets, str):
+        raise UserError(f"finetune.lora.layers_to_transform with finetune.lora.target_modules={targets}: "
+                        "layers_to_transform needs a list of modules, e.g. [q_proj, k_proj, v_proj, o_proj] "
+                        "(or choose the top layers with finetune.top_layers=N, which takes all-linear)")
 
 
 def validate_paths(cfg: DictConfig) -> None:

@@ -83,7 +83,7 @@ def load(cfg, source, tokenizer, dtype, on):
     set_seed(cfg.seed)
     model = bench.classifier(cfg, source, tokenizer, dtype, on)
     n_params = bench.non_embedding_params(model)
-    model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, False)
+    model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, False, cfg.finetune.top_layers)
     model.eval()
     return model, n_params
 

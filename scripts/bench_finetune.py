@@ -5,7 +5,7 @@
 
 pipeline: compute dtype from model.precision=auto (bf16 where supported), length-grouped batches, dynamic padding.
 naive:    fp32, rows in file order, every row padded to max_length.
-Both: the same LoRA setup, HF Trainer, one epoch over the rows. tokens/s counts real (non-pad) tokens.
+Both: the same LoRA setup (on every layer: finetune.top_layers=null), HF Trainer, one epoch over the rows. tokens/s counts real (non-pad) tokens.
 peak_fraction: 4*N FLOPs per real token (frozen base + LoRA; N = non-embedding parameters; no recomputation)
 per second, over this machine's GEMM peak measured here in the pipeline's compute dtype; model_shape_fraction: the
 same over the rate of one decoder layer's linears at the model's shapes (benchmarking.model_shape_rate), at the
@@ -14,8 +14,8 @@ tokens of one batch (--batch-rows x --max-length), measured in this run. The pip
 Last line: speedup=X.XX padding_waste=Y.YY peak_fraction=Z.ZZ model_shape_fraction=F.FF
 
     python scripts/bench_finetune.py --profile   # where a LoRA step's seconds go (torch profiler), then the bench
-    python scripts/bench_finetune.py --top-layers 8 --epochs 3   # LoRA on the top 8 layers, with the frozen
-        # prefix cached (finetune.cache_prefix), beside today's setup; last line:
+    python scripts/bench_finetune.py --top-layers 8 --epochs 3   # LoRA on the top 8 layers (the default since
+        # 2026-12-04), uncached and with the frozen prefix cached, beside every layer; last line:
         # top_layers_ratio=X.XX cached_ratio=Y.YY cached_vs_uncached_loss=Z
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,7 +61,8 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
     set_seed(cfg.seed)
     model = bench.classifier(cfg, source, tokenizer, dtype, on)
     n_params = bench.non_embedding_params(model)
-    model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
+    model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing,
+                              cfg.finetune.top_layers)
     modeling.set_lora_input_casts(model, input_casts)  # add_lora turns them off; `input_casts`: as before
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=fixed_length or 1)
     bench.synchronize(on)
@@ -87,23 +87,15 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
 
 
 def top_layer_runs(cfg, source, tokenizer, rows, dtype, on, top: int, epochs: int) -> list[tuple[str, dict]]:
-    """Today's setup (LoRA on every layer) beside LoRA on the top `top` layers, uncached and with the frozen
+    """LoRA on every layer beside LoRA on the top `top` layers (finetune.top_layers), uncached and with the frozen
     layers' output cached (finetune.cache_prefix), each for `epochs` epochs over the same rows."""
-    n_layers = int(bench.classifier(cfg, source, tokenizer, dtype, on).config.num_hidden_layers)
     runs = []
-    for name, overrides in (
-            ("every layer (today)", {}),
-            (f"top {top} layers", {"layers_to_transform": list(range(n_layers - top, n_layers))}),
-            (f"top {top} layers, cached prefix", {"layers_to_transform": list(range(n_layers - top, n_layers)),
-                                                   "cache_prefix": True})):
+    for name, top_layers, cached in (("every layer", None, False), (f"top {top} layers", top, False),
+                                     (f"top {top} layers, cached prefix", top, True)):
         variant = cfg.copy()
         variant.finetune.epochs = epochs
-        variant.finetune.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj"]
-        if "layers_to_transform" in overrides:
-            OmegaConf.update(variant, "finetune.lora.layers_to_transform", overrides["layers_to_transform"],
-                             force_add=True)
-        variant.finetune.cache_prefix = overrides.get("cache_prefix", False)
+        variant.finetune.top_layers = top_layers
+        variant.finetune.cache_prefix = cached
         runs.append((name, train_once(variant, source, tokenizer, rows, dtype, on, grouped=True,
                                       fixed_length=None)))
     return runs
@@ -113,12 +105,15 @@ def main() -> None:
     parser = bench.common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true", help="first profile a few pipeline training steps")
     parser.add_argument("--top-layers", type=int, default=0,
-                        help="also LoRA on the top K layers only, uncached and with the cached prefix, beside today's "
-                             "setup (rows/s and the loss reached), for --epochs epochs")
+                        help="also LoRA on the top K layers only, uncached and with the cached prefix, beside every "
+                             "layer (rows/s and the loss reached), for --epochs epochs")
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
+    # The step's matrix-rate fractions are for a step through every layer (4 N FLOPs per token); --top-layers
+    # compares the default's top layers with it.
     cfg = bench.compose(args, f"finetune.per_device_batch_size={args.batch_rows}", "finetune.swap_augmentation=false",
-                        "finetune.epochs=1", "finetune.report_to=none")
+                        "finetune.epochs=1", "finetune.report_to=none", "finetune.top_layers=null",
+                        "finetune.cache_prefix=false")
     on = modeling.device()
     dtype = modeling.compute_dtype(cfg.model.precision, on)
     source, tokenizer = bench.model_source_and_tokenizer(cfg, args.preset_random, args.tokenizer)

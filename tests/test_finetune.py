@@ -31,7 +31,7 @@ def test_adapter_and_head_change_base_does_not(tiny_cfg, tmp_path):
 
     set_seed(cfg.seed)  # train_fold seeds fold 0 the same way, so both start from identical weights
     reference = modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, dtype, on), cfg.model,
-                                  cfg.finetune.lora, False)
+                                  cfg.finetune.lora, False, cfg.finetune.top_layers)
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     ctx = context.open_run(cfg, "finetune")
     assert (ctx.device, ctx.dtype) == (on, dtype)

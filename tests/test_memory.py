@@ -40,6 +40,12 @@ def test_plan_moves_the_right_way():
     assert plan(scoring_length=4096, eager_attention=True).scoring_gb > plan(eager_attention=True).scoring_gb
     lm_gb = (128256 * 4096 * 4 + 3 * 1024 * 128256 * 4) / 2 ** 30
     assert plan(lm_features=True).scoring_gb - base.scoring_gb == pytest.approx(lm_gb, rel=1e-6)
+    # LoRA on the top 8 of 32 layers (finetune.top_layers): a quarter of the LoRA weights and of the activations
+    # autograd keeps; a count above the depth is every layer.
+    top = plan(top_layers=8, gradient_checkpointing=False)
+    every = plan(gradient_checkpointing=False)
+    assert top.lora_gb < every.lora_gb / 3 and top.activations_gb == pytest.approx(every.activations_gb / 4)
+    assert plan(top_layers=64).total_gb == base.total_gb
 
 
 def test_largest_batch_is_the_largest_that_fits():

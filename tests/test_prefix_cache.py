@@ -8,12 +8,12 @@ import torch
 from pipeline import inputs
 from pipeline.llm import modeling, prefix_cache, training
 from pipeline.data import load_pairs
-from pipeline.errors import UserError
 from pipeline.formatting import encode_frame
 
 
-# LoRA on the top layer of the tiny 2-layer model (peft takes layers_to_transform with a list of target modules).
-TOP_LAYER = ("+finetune.lora.layers_to_transform=[1]",
+# LoRA on the top layer of the tiny 2-layer model in peft's own terms (layers_to_transform with a list of target
+# modules; finetune.top_layers=1 says the same, tested below).
+TOP_LAYER = ("finetune.top_layers=null", "+finetune.lora.layers_to_transform=[1]",
              "finetune.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
 
 
@@ -49,7 +49,8 @@ def test_cached_prefix_step_gives_the_same_loss_and_gradients(tiny_cfg, family):
     batch = training.PaddingCollator(tokenizer.pad_token_id)(rows)
     uncached = loss_and_grads(model, {k: v for k, v in batch.items() if k != "prefix_hidden"})
 
-    first = prefix_cache.first_trained_layer(cfg.finetune.lora)
+    first = prefix_cache.first_trained_layer(model)
+    assert first == 1
     prefixes = prefix_cache.compute(model, [r["input_ids"] for r in rows], first, tokenizer.pad_token_id, 4096, cpu,
                                     torch.float32)
     assert [p.shape[0] for p in prefixes] == [len(r["input_ids"]) for r in rows]
@@ -90,5 +91,47 @@ def test_cache_prefix_trains_a_fold_and_needs_top_layers_only(tiny_cfg, monkeypa
     assert computed == [32]  # every row's frozen layers, once
     assert len(served) == 2 and all(shape[-1] == cfg.model.tiny.hidden_size for shape in served)  # one per step
     assert not any(isinstance(m, prefix_cache.CachedPrefix) for m in model.modules())  # the whole model is back
-    with pytest.raises(UserError, match="layers_to_transform"):
-        prefix_cache.first_trained_layer(tiny_cfg().finetune.lora)
+    computed.clear(), served.clear()
+    every_layer = tiny_cfg("finetune.cache_prefix=true", "finetune.top_layers=null", "finetune.max_steps=2",
+                           "exp_name=every_layer")
+    _, stats = finetune.train_fold(context.open_run(every_layer, "finetune"), 0, source, tokenizer, rows)
+    assert stats["global_step"] == 2 and computed == [] and served == []  # nothing frozen: trained uncached
+
+
+def test_top_layers_puts_lora_on_the_last_layers_only(tiny_cfg):
+    """finetune.top_layers=1 on the 2-layer tiny model: LoRA (all-linear's seven modules) on layer 1 only, layer 0
+    frozen and cacheable; a count at or above the depth trains every layer, exactly as top_layers=null does."""
+    cfg = tiny_cfg("model.precision=fp32")
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    cpu = torch.device("cpu")
+
+    def lora_model(top_layers):
+        torch.manual_seed(0)
+        return modeling.add_lora(modeling.load_classifier(source, cfg.model, tokenizer, torch.float32, cpu),
+                                 cfg.model, cfg.finetune.lora, False, top_layers)
+
+    top = lora_model(1)
+    trained = [n for n, p in top.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert trained and all(".layers.1." in n for n in trained)
+    assert {n.split(".layers.1.")[1].split(".")[1] for n in trained} == set(modeling.decoder_linear_names(top))
+    assert len(modeling.decoder_linear_names(top)) == 7
+    assert prefix_cache.first_trained_layer(top) == 1
+    every = {n: p for n, p in lora_model(None).named_parameters()}
+    deep = {n: p for n, p in lora_model(8).named_parameters()}
+    assert every.keys() == deep.keys() and all(torch.equal(every[n], deep[n]) for n in every)
+    assert prefix_cache.first_trained_layer(lora_model(8)) is None
+
+
+@pytest.mark.parametrize("top_layers, depth, expected", [(None, 30, None), (30, 30, None), (40, 30, None),
+                                                           (8, 30, list(range(22, 30))), (1, 2, [1])])
+def test_lora_on_top_layers_names_the_last_layers(top_layers, depth, expected):
+    """The pure mapping to peft's fields: the last N layer indices, all-linear spelled out as the layer's linears,
+    a given list kept; nothing changed when every layer trains."""
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = {"r": 16, "target_modules": "all-linear"}
+    resolved = modeling.lora_on_top_layers(lora, top_layers, depth, linears)
+    assert resolved.get("layers_to_transform") == expected
+    assert resolved["target_modules"] == (linears if expected else "all-linear")
+    listed = modeling.lora_on_top_layers({"r": 16, "target_modules": ["q_proj", "v_proj"]}, top_layers, depth, linears)
+    assert listed["target_modules"] == ["q_proj", "v_proj"]

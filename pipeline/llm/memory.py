@@ -96,27 +96,34 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def lora_params(shape: ModelShape, r: int, targets) -> int:
-    """LoRA parameters: r x (in + out) for each targeted projection of each layer (`all-linear`: all seven)."""
+def lora_params(shape: ModelShape, r: int, targets, layers: int | None = None) -> int:
+    """LoRA parameters: r x (in + out) for each targeted projection (`all-linear`: all seven) of each trained layer
+    (`layers`: the top ones, finetune.top_layers; None = every layer)."""
     chosen = PROJECTIONS if targets in (None, "all-linear") else [t for t in PROJECTIONS if t in set(targets)]
-    return shape.layers * sum(r * sum(shape.projection_shapes()[t]) for t in chosen)
+    return trained_layer_count(shape, layers) * sum(r * sum(shape.projection_shapes()[t]) for t in chosen)
+
+
+def trained_layer_count(shape: ModelShape, top_layers: int | None) -> int:
+    return shape.layers if top_layers is None else min(int(top_layers), shape.layers)
 
 
 def plan(shape: ModelShape, quantization: str, weight_bytes: int, lora_r: int, lora_targets, max_length: int,
          per_device_batch_size: int, gradient_checkpointing: bool, eager_attention: bool, batch_tokens: int,
          captured_layers: int, gpu_memory_gb: float, scoring_length: int | None = None,
-         lm_features: bool = False) -> MemoryPlan:
+         lm_features: bool = False, top_layers: int | None = None) -> MemoryPlan:
     """The memory one device needs to fine-tune (at `per_device_batch_size` rows of `max_length` tokens) and to
     score (`batch_tokens` per batch of rows up to `scoring_length` tokens, embed.max_length; default max_length; with
-    `lm_features`, the LM head's logits too), and the largest batch that fits `gpu_memory_gb`."""
+    `lm_features`, the LM head's logits too), and the largest batch that fits `gpu_memory_gb`. With LoRA on the
+    `top_layers` only, autograd keeps activations for those layers alone (nothing below them needs a gradient)."""
     per_weight = WEIGHT_BYTES.get(quantization, weight_bytes)
     weights = (shape.linear_params * per_weight + shape.other_params * weight_bytes) / GB
-    trainable = lora_params(shape, lora_r, lora_targets) + 3 * shape.hidden
+    trainable = lora_params(shape, lora_r, lora_targets, top_layers) + 3 * shape.hidden
+    trained = trained_layer_count(shape, top_layers)
     lora = trainable * TRAINABLE_BYTES / GB
     layer_row = shape.activation_elements_per_token_layer(eager_attention, max_length) * max_length * \
         ACTIVATION_BYTES / GB
-    full_row = layer_row * shape.layers
-    checkpointed_row = shape.hidden * max_length * ACTIVATION_BYTES * shape.layers / GB + 2 * layer_row
+    full_row = layer_row * trained
+    checkpointed_row = shape.hidden * max_length * ACTIVATION_BYTES * trained / GB + 2 * layer_row
     per_row = checkpointed_row if gradient_checkpointing else full_row
     # One layer's activations for a batch of `batch_tokens` tokens, and the captured layers' fp32 hidden states.
     scoring_length = scoring_length or max_length

@@ -26,6 +26,7 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 NUM_LABELS = 3
+ALL_LINEAR = "all-linear"  # peft's target_modules shorthand: every linear but the output layer
 
 
 def device() -> torch.device:
@@ -303,8 +304,31 @@ def load_classifier(source: Path | str, model_cfg: DictConfig, tokenizer, dtype:
     return model
 
 
-def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkpointing: bool):
-    """Wrap with LoRA adapters; the `score` head is trained in full and saved with the adapter."""
+def lora_on_top_layers(lora: dict, top_layers: int | None, depth: int, layer_linears: list[str]) -> dict:
+    """finetune.top_layers in peft's own fields: LoRA on the last `top_layers` of `depth` decoder layers is
+    `layers_to_transform` = their indices, which peft takes only beside a list of target modules, so `all-linear`
+    becomes the decoder layers' linear names (`layer_linears`). Unchanged when every layer trains (None, or a count
+    of at least the model's depth: a 2-layer model trains both)."""
+    if top_layers is None or top_layers >= depth:
+        return lora
+    targets = lora.get("target_modules")
+    return {**lora, "target_modules": list(layer_linears) if targets == ALL_LINEAR else list(targets),
+            "layers_to_transform": list(range(depth - top_layers, depth))}
+
+
+def decoder_linear_names(model) -> list[str]:
+    """The short names of the linear modules inside a decoder layer (what peft's all-linear picks there), in
+    module order: q_proj, k_proj, ... for the Llama, Gemma-2 and Qwen2 families."""
+    layer = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.layers[0]
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, module in layer.named_modules()
+                              if isinstance(module, torch.nn.Linear)))
+
+
+def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkpointing: bool,
+             top_layers: int | None = None):
+    """Wrap with LoRA adapters (on the top `top_layers` decoder layers only when set: finetune.top_layers); the
+    `score` head is trained in full and saved with the adapter."""
+    from omegaconf import OmegaConf
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if model_cfg.quantization != "none":
@@ -315,7 +339,9 @@ def add_lora(model, model_cfg: DictConfig, lora_cfg: DictConfig, gradient_checkp
     from hydra.utils import instantiate
 
     # finetune.lora is a LoraConfig (`_target_`) whose fields keep peft's names; the task and head are ours.
-    config = instantiate(lora_cfg, task_type=TaskType.SEQ_CLS, modules_to_save=["score"], _convert_="all")
+    lora = lora_on_top_layers(OmegaConf.to_container(lora_cfg, resolve=True), top_layers,
+                              int(model.config.num_hidden_layers), decoder_linear_names(model))
+    config = instantiate(lora, task_type=TaskType.SEQ_CLS, modules_to_save=["score"], _convert_="all")
     if not isinstance(config, LoraConfig):
         raise UserError(f"finetune.lora._target_ must build a peft.LoraConfig, got {type(config).__name__}")
     model = get_peft_model(model, config)

@@ -1,12 +1,12 @@
 """Train the top layers only, on cached activations of the frozen ones below (finetune.cache_prefix).
 
-With LoRA on the top layers only (`finetune.lora.layers_to_transform`), every layer below the first trained one
-is frozen: it gives each row the same output in every epoch, so that output is computed once per row (no grad,
+With LoRA on the top layers only (`finetune.top_layers`, or `finetune.lora.layers_to_transform`), every layer
+below the first trained one is frozen: it gives each row the same output in every epoch, so that output is computed once per row (no grad,
 batched by length) and kept in memory. During training those layers are replaced by stand-ins that hand the
 batch's cached output to the first trained layer; the embeddings, the attention mask, the rotary positions, the
 layers above, the head's pooling and the loss are the model's own, so a cached step computes what an uncached one
 computes (tested: same loss and gradients). The cache takes rows x tokens x hidden x 2 bytes (bf16/fp16; 4 in fp32);
-above `finetune.cache_prefix_max_gb` the fine-tune runs uncached, and says so.
+above `finetune.cache_prefix_max_gb` the fine-tune runs uncached, and says so; so does one that trains every layer.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
 from pipeline.llm.inference import backbone, length_batches, pad_batch
 
 log = logging.getLogger(__name__)
@@ -41,18 +40,14 @@ class CachedPrefix(nn.Module):
         return self.batch.to(hidden_states.dtype)
 
 
-def first_trained_layer(lora_cfg) -> int:
-    """The lowest decoder layer LoRA trains (finetune.lora.layers_to_transform); the cache needs it set."""
-    layers = lora_cfg.get("layers_to_transform")
+def first_trained_layer(model) -> int | None:
+    """The lowest decoder layer the LoRA model trains (`layers_to_transform`, as finetune.top_layers or
+    finetune.lora set it); None when there is no frozen layer below it to cache (every layer trains)."""
+    layers = model.peft_config["default"].layers_to_transform
     if layers is None:
-        raise UserError("finetune.cache_prefix=true needs LoRA on the top layers only: set "
-                        "+finetune.lora.layers_to_transform=[...] (e.g. the last 8 layers) with a list of "
-                        "finetune.lora.target_modules; with every layer trained there is no frozen prefix to cache")
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    if not layers or min(layers) < 1:
-        raise UserError(f"finetune.lora.layers_to_transform={layers}: with layer 0 trained there is no frozen prefix "
-                        "to cache; train layers above 0, or set finetune.cache_prefix=false")
-    return min(layers)
+        return None
+    first = min([layers] if isinstance(layers, int) else layers)
+    return first if first >= 1 else None
 
 
 def cache_gb(lengths: list[int], hidden: int, dtype: torch.dtype) -> float:

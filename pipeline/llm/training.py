@@ -215,7 +215,8 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
     model = modeling.load_classifier(source, cfg.model, tokenizer, dtype, on)
     if cfg.finetune.head_init == "verdict_tokens":
         modeling.init_head_from_verdict_tokens(model, tokenizer, source, list(cfg.finetune.verdict_words))
-    model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing)
+    model = modeling.add_lora(model, cfg.model, cfg.finetune.lora, cfg.model.gradient_checkpointing,
+                              cfg.finetune.top_layers)
     if cfg.finetune.init_adapter:
         warm_start.load_init_adapter(model, Path(cfg.finetune.init_adapter))
     if not cfg.finetune.train:
@@ -255,8 +256,12 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
 def with_cached_prefix(cfg: DictConfig, model, rows: list[dict], pad_id: int, on: torch.device,
                        dtype: torch.dtype) -> tuple[list[dict], prefix_cache.PrefixCache | None]:
     """finetune.cache_prefix: each row's output of the frozen layers, computed once, and the stand-ins installed
-    (see pipeline/prefix_cache.py); the rows unchanged and no cache when it would not fit the memory budget."""
-    first = prefix_cache.first_trained_layer(cfg.finetune.lora)
+    (see pipeline/prefix_cache.py); the rows unchanged and no cache when every layer trains or the cache would not
+    fit the memory budget."""
+    first = prefix_cache.first_trained_layer(model)
+    if first is None:
+        log.info("finetune.cache_prefix: every decoder layer trains (finetune.top_layers=null): nothing to cache")
+        return rows, None
     hidden = int(model.config.hidden_size)
     size = prefix_cache.cache_gb([len(r["input_ids"]) for r in rows], hidden, dtype)
     budget = float(cfg.finetune.cache_prefix_max_gb)

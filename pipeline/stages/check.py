@@ -73,7 +73,8 @@ def memory_plan(cfg: DictConfig) -> memory.MemoryPlan | None:
                        int(cfg.finetune.lora.r), cfg.finetune.lora.get("target_modules"), int(cfg.model.max_length),
                        int(cfg.finetune.per_device_batch_size), bool(cfg.model.gradient_checkpointing), eager,
                        int(cfg.embed.batch_tokens), len(cfg.embed.layers), float(cfg.check.gpu_memory_gb),
-                       scoring_length=cfg.embed.max_length, lm_features=bool(cfg.embed.lm_features))
+                       scoring_length=cfg.embed.max_length, lm_features=bool(cfg.embed.lm_features),
+                       top_layers=cfg.finetune.top_layers)
 
 
 def check_lengths(cfg: DictConfig, tokenizer) -> None:
