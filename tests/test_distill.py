@@ -134,9 +134,9 @@ def test_soft_targets_are_the_teachers_in_fold_probabilities_of_the_right_fold(l
 
     seen = {}
 
-    def record(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir):
+    def record(cfg_, on, dtype, source, tokenizer, rows, seed, *rest, **kwargs):
         seen[seed - int(cfg_.seed)] = rows
-        return real(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir)
+        return real(cfg_, on, dtype, source, tokenizer, rows, seed, *rest, **kwargs)
 
     real = training.train_adapter
     monkeypatch.setattr(training, "train_adapter", record)
@@ -171,9 +171,9 @@ def test_pseudo_labels_join_each_fold_with_that_folds_teacher_targets_and_are_ne
     seen = {}
     real = training.train_adapter
 
-    def record(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir):
+    def record(cfg_, on, dtype, source, tokenizer, rows, seed, *rest, **kwargs):
         seen[seed - int(cfg_.seed)] = rows
-        return real(cfg_, on, dtype, source, tokenizer, rows, seed, checkpoints, tracking_dir)
+        return real(cfg_, on, dtype, source, tokenizer, rows, seed, *rest, **kwargs)
 
     monkeypatch.setattr(training, "train_adapter", record)
     finetune.run(cfg)
@@ -344,8 +344,9 @@ def test_a_teacher_shown_model_names_teaches_a_student_that_never_sees_them(tmp_
                                stage="all").paths.exp_dir)
     trained_on = []
     real = training.train_adapter
-    monkeypatch.setattr(training, "train_adapter", lambda cfg_, on, dtype, source, tokenizer, rows, *rest:
-                        trained_on.append((tokenizer, rows)) or real(cfg_, on, dtype, source, tokenizer, rows, *rest))
+    monkeypatch.setattr(training, "train_adapter", lambda cfg_, on, dtype, source, tokenizer, rows, *rest, **kwargs:
+                        trained_on.append((tokenizer, rows)) or real(cfg_, on, dtype, source, tokenizer, rows, *rest,
+                                                                     **kwargs))
     student = student_cfg(tmp_path, model_cache, "student", teacher, f"data.train={train}")
     finetune.run(student)
     teacher_files = list(Path(teacher).glob("finetune/fold_*/infold_*.parquet"))

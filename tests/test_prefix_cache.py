@@ -88,7 +88,7 @@ def test_cache_prefix_trains_a_fold_and_needs_top_layers_only(tiny_cfg, monkeypa
     rows = training.training_rows(encoded, None, frame["label"].to_numpy(), np.arange(32), False)
     model, stats = finetune.train_fold(context.open_run(cfg, "finetune"), 0, source, tokenizer, rows)
     assert stats["global_step"] == 2
-    assert computed == [32]  # every row's frozen layers, once
+    assert computed == [len({tuple(r["input_ids"]) for r in rows})]  # every distinct row's frozen layers, once
     assert len(served) == 2 and all(shape[-1] == cfg.model.tiny.hidden_size for shape in served)  # one per step
     assert not any(isinstance(m, prefix_cache.CachedPrefix) for m in model.modules())  # the whole model is back
     computed.clear(), served.clear()
@@ -135,3 +135,33 @@ def test_lora_on_top_layers_names_the_last_layers(top_layers, depth, expected):
     assert resolved["target_modules"] == (linears if expected else "all-linear")
     listed = modeling.lora_on_top_layers({"r": 16, "target_modules": ["q_proj", "v_proj"]}, top_layers, depth, linears)
     assert listed["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_folds_share_one_prefix_pass_and_a_fold_job_trains_what_the_whole_run_trains(tiny_cfg, monkeypatch):
+    """Over a run, the frozen layers run once, over every row any fold trains on (both orientations under swap
+    augmentation), not once per fold; fold 1 trained alone as its own job (finetune.folds=[1]) fills the store the
+    same way and gets the adapter the whole run gave it, to the bit."""
+    from safetensors.torch import load_file
+
+    from pipeline import context
+    from pipeline.stages import finetune
+
+    computed = []
+    compute = prefix_cache.compute
+    monkeypatch.setattr(prefix_cache, "compute", lambda model, ids, *rest: computed.append(len(ids)) or
+                        compute(model, ids, *rest))
+    whole = tiny_cfg("finetune.max_steps=2", "exp_name=whole")
+    finetune.run(whole)
+    ctx = context.open_run(whole, "finetune")
+    tokenizer = modeling.load_tokenizer(modeling.base_model_dir(whole.model, whole.paths.model_cache_dir), whole.model)
+    distinct = {tuple(pair.input_ids) for swap in (False, True)
+                for pair in encode_frame(tokenizer, ctx.train.frame, whole.model, swap=swap)}
+    assert whole.finetune.swap_augmentation and computed == [len(distinct)]
+    computed.clear()
+    alone = tiny_cfg("finetune.max_steps=2", "exp_name=alone", "finetune.folds=[1]")
+    finetune.run(alone)
+    assert computed == [len(distinct)]
+    weights = [load_file(str(context.open_run(cfg, "finetune").layout.adapter(1) / "adapter_model.safetensors"))
+               for cfg in (whole, alone)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -203,11 +204,25 @@ def training_loss(ft: DictConfig) -> TrainingLoss:
     return instantiate(ft.loss)
 
 
+@dataclass
+class PrefixStore:
+    """The cached prefixes of one fine-tune run, kept across its folds (finetune.cache_prefix): a row trains in K-1
+    folds and the frozen layers give it the same output in each, so it is computed once. The first fold that needs
+    it fills the store for every row of `run_rows` (all the rows any fold of the run can train on) in one pass, so a
+    row's prefix is the same whichever folds a job trains (finetune.folds): folds run as separate jobs compute what
+    one job computes."""
+
+    run_rows: list[list[int]]
+    by_ids: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+
 def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source, tokenizer, rows: list[dict],
-                  seed: int, checkpoints: Path, tracking_dir: Path) -> tuple[object, dict]:
+                  seed: int, checkpoints: Path, tracking_dir: Path,
+                  prefixes: PrefixStore | None = None) -> tuple[object, dict]:
     """Train one LoRA adapter and `score` head on `rows` with the Trainer (from finetune.init_adapter when set;
     no step at all with finetune.train=false), resuming from the last checkpoint under `checkpoints` if one
-    exists. Returns the model and the run's statistics."""
+    exists; with a cached prefix, from `prefixes` (shared by a run's folds; None = this call's rows alone).
+    Returns the model and the run's statistics."""
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -228,7 +243,7 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
         log.info("resuming from %s", resume)
     cache = None
     if cfg.finetune.get("cache_prefix"):
-        rows, cache = with_cached_prefix(cfg, model, rows, tokenizer.pad_token_id, on, dtype)
+        rows, cache = with_cached_prefix(cfg, model, rows, tokenizer.pad_token_id, on, dtype, prefixes)
     loss = training_loss(cfg.finetune)
     collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1, targets=loss.targets)
     trainer = pipeline_trainer(cfg.finetune.head_learning_rate, cache=cache, loss=loss)(
@@ -254,24 +269,30 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
 
 
 def with_cached_prefix(cfg: DictConfig, model, rows: list[dict], pad_id: int, on: torch.device,
-                       dtype: torch.dtype) -> tuple[list[dict], prefix_cache.PrefixCache | None]:
-    """finetune.cache_prefix: each row's output of the frozen layers, computed once, and the stand-ins installed
-    (see pipeline/prefix_cache.py); the rows unchanged and no cache when every layer trains or the cache would not
-    fit the memory budget."""
+                       dtype: torch.dtype, prefixes: PrefixStore | None = None
+                       ) -> tuple[list[dict], prefix_cache.PrefixCache | None]:
+    """finetune.cache_prefix: each row's output of the frozen layers, computed once (for every row of `prefixes`'
+    run on its first use), and the stand-ins installed (see pipeline/prefix_cache.py); the rows unchanged and no
+    cache when every layer trains or the cache would not fit the memory budget."""
     first = prefix_cache.first_trained_layer(model)
     if first is None:
         log.info("finetune.cache_prefix: every decoder layer trains (finetune.top_layers=null): nothing to cache")
         return rows, None
-    hidden = int(model.config.hidden_size)
-    size = prefix_cache.cache_gb([len(r["input_ids"]) for r in rows], hidden, dtype)
+    store = prefixes if prefixes is not None else PrefixStore([r["input_ids"] for r in rows])
+    wanted = list(dict.fromkeys(tuple(ids) for ids in [*store.run_rows, *(r["input_ids"] for r in rows)]))
+    size = prefix_cache.cache_gb([len(ids) for ids in wanted], int(model.config.hidden_size), dtype)
     budget = float(cfg.finetune.cache_prefix_max_gb)
     if size > budget:
         log.warning("finetune.cache_prefix: the cache would take %.1f GB (> finetune.cache_prefix_max_gb=%g): "
                     "training uncached", size, budget)
         return rows, None
-    start = time.perf_counter()
-    prefixes = prefix_cache.compute(model, [r["input_ids"] for r in rows], first, pad_id,
-                                    int(cfg.embed.batch_tokens), on, dtype, cfg.embed.max_batch_padding)
-    log.info("finetune.cache_prefix: layers 0-%d of %d rows cached once (%.2f GB, %.0f s)", first - 1, len(rows),
-             size, time.perf_counter() - start)
-    return [{**r, "prefix": p} for r, p in zip(rows, prefixes)], prefix_cache.PrefixCache.install(model, first)
+    missing = [ids for ids in wanted if ids not in store.by_ids]
+    if missing:
+        start = time.perf_counter()
+        computed = prefix_cache.compute(model, [list(ids) for ids in missing], first, pad_id,
+                                        int(cfg.embed.batch_tokens), on, dtype, cfg.embed.max_batch_padding)
+        store.by_ids.update(zip(missing, computed))
+        log.info("finetune.cache_prefix: layers 0-%d of %d rows cached once (%.2f GB, %.0f s)", first - 1,
+                 len(missing), size, time.perf_counter() - start)
+    return ([{**r, "prefix": store.by_ids[tuple(r["input_ids"])]} for r in rows],
+            prefix_cache.PrefixCache.install(model, first))

@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 HOW_TO_FIX = "use a new exp_name, or delete that folder to retrain it"
 
 
-def train_fold(ctx: RunContext, k: int, source, tokenizer, rows: list[dict]) -> tuple[object, dict]:
-    """Train fold k's adapter and head (seed + k), resuming from its last checkpoint if one exists."""
+def train_fold(ctx: RunContext, k: int, source, tokenizer, rows: list[dict],
+               prefixes: training.PrefixStore | None = None) -> tuple[object, dict]:
+    """Train fold k's adapter and head (seed + k), resuming from its last checkpoint if one exists; a cached
+    prefix comes from the run's `prefixes` (every fold's rows, computed once)."""
     return training.train_adapter(ctx.cfg, ctx.device, ctx.dtype, source, tokenizer, rows, int(ctx.cfg.seed) + k,
-                                  ctx.layout.checkpoints(k), ctx.layout.tracking("finetune") / f"fold_{k}")
+                                  ctx.layout.checkpoints(k), ctx.layout.tracking("finetune") / f"fold_{k}",
+                                  prefixes=prefixes)
 
 
 def fold_list(cfg: DictConfig) -> list[int]:
@@ -89,6 +92,15 @@ class FinetuneRun:
     targets: teachers.FoldTargets | None  # finetune.teacher: per fold, soft targets free of that fold's labels
     pseudo_rows: embed_passes.Rows | None  # data.unlabeled, encoded (+ swapped with augmentation)
     test_rows: embed_passes.Rows | None = None
+    prefixes: training.PrefixStore | None = None  # finetune.cache_prefix: the frozen layers' output, once per row
+
+    def rows_any_fold_trains(self) -> list[list[int]]:
+        """The token ids of every row some fold trains on: each train row (both orientations under swap
+        augmentation), the extra rows and the pseudo-labelled ones."""
+        swapped = bool(self.ctx.cfg.finetune.swap_augmentation)
+        encoded = [self.rows] + ([self.pseudo_rows] if self.pseudo_rows is not None else [])
+        return [pair.input_ids for r in encoded for pair in [*r.encoded, *(r.swapped if swapped else [])]] + \
+            [row["input_ids"] for row in self.extra_rows]
 
 
 def setup(cfg: DictConfig) -> FinetuneRun:
@@ -123,11 +135,13 @@ def setup(cfg: DictConfig) -> FinetuneRun:
         pseudo_rows = embed_passes.Rows(encode_frame(tokenizer, frame, cfg.model),
                                         encode_frame(tokenizer, frame, cfg.model, swap=True)
                                         if cfg.finetune.swap_augmentation else None)
-    return FinetuneRun(ctx, source, tokenizer, rows, scoring_rows,
+    run_ = FinetuneRun(ctx, source, tokenizer, rows, scoring_rows,
                        extra_training_rows(ctx, tokenizer, targets is not None), setup_, settings,
                        setups.embed_setup(cfg, setup_),
                        embed_passes.PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source),
                        feature_table.test_folder(ctx, setup_) if score_test else None, targets, pseudo_rows)
+    run_.prefixes = training.PrefixStore(run_.rows_any_fold_trains())
+    return run_
 
 
 def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
@@ -150,7 +164,7 @@ def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
     soft = run_.targets.by_fold[k] if run_.targets is not None else None
     rows = training.training_rows(run_.rows.encoded, run_.rows.swapped, labels, train_index,
                                   cfg.finetune.swap_augmentation, soft) + run_.extra_rows + pseudo_labelled_rows(run_, k)
-    model, stats = train_fold(ctx, k, run_.source, run_.tokenizer, rows)
+    model, stats = train_fold(ctx, k, run_.source, run_.tokenizer, rows, run_.prefixes)
     if soft is not None:  # how sure the teachers' in-fold targets are on the rows they trained on
         stats["teacher_target_logloss"] = logloss(labels[train_index], soft[train_index])
     if ctx.is_main:
