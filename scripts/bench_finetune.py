@@ -14,8 +14,8 @@ tokens of one batch (--batch-rows x --max-length), measured in this run. The pip
 Last line: speedup=X.XX padding_waste=Y.YY peak_fraction=Z.ZZ model_shape_fraction=F.FF
 
     python scripts/bench_finetune.py --profile   # where a LoRA step's seconds go (torch profiler), then the bench
-    python scripts/bench_finetune.py --top-layers 8 --epochs 3   # LoRA on the top 8 layers (the default since
-        # 2026-12-04), uncached and with the frozen prefix cached, beside every layer; last line:
+    python scripts/bench_finetune.py --top-layers 8 --epochs 3   # LoRA on the top 8 layers (finetune.top_layers),
+        # uncached and with the frozen prefix cached, beside every layer; last line:
         # top_layers_ratio=X.XX cached_ratio=Y.YY cached_vs_uncached_loss=Z
 """
 from __future__ import annotations
@@ -109,11 +109,8 @@ def main() -> None:
                              "layer (rows/s and the loss reached), for --epochs epochs")
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
-    # The step's matrix-rate fractions are for a step through every layer (4 N FLOPs per token); --top-layers
-    # compares the default's top layers with it.
     cfg = bench.compose(args, f"finetune.per_device_batch_size={args.batch_rows}", "finetune.swap_augmentation=false",
-                        "finetune.epochs=1", "finetune.report_to=none", "finetune.top_layers=null",
-                        "finetune.cache_prefix=false")
+                        "finetune.epochs=1", "finetune.report_to=none")
     on = modeling.device()
     dtype = modeling.compute_dtype(cfg.model.precision, on)
     source, tokenizer = bench.model_source_and_tokenizer(cfg, args.preset_random, args.tokenizer)

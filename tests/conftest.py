@@ -12,11 +12,9 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small and fast: 90 demo rows, 3 folds, a few optimizer steps per fold.
-# finetune.top_layers=1: LoRA on the top layer of the 2-layer tiny model, its layer 0 cached, as the default trains
-# the top 8 of SmolLM2's 30 (8 would train both tiny layers).
 TINY_OVERRIDES = ["model=tiny", "data.demo.n_train=90", "data.demo.n_test=12", "cv.n_folds=3",
                   "finetune.per_device_batch_size=16", "finetune.save_steps=4", "stack.vectors.pca_components=4",
-                  "stack.inner_folds=3", "finetune.top_layers=1"]
+                  "stack.inner_folds=3"]
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:

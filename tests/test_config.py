@@ -137,10 +137,6 @@ def test_optuna_sweeper_composes():
     assert "stack.vectors.pca_components" in cfg.hydra.sweeper.params
 
 
-# The defaults as they were before finetune.top_layers: every added setting at its neutral value.
-OLD_DEFAULTS = "finetune.top_layers=null"
-
-
 def test_settings_added_later_keep_older_experiments_current(tmp_path, model_cache):
     """At their neutral values the settings added later (setups.ADDED_LATER: embed.max_length, finetune.train,
     finetune.teacher, model.show_model_names, ...) change no setup hash, and a recorded config without them reads as
@@ -148,7 +144,7 @@ def test_settings_added_later_keep_older_experiments_current(tmp_path, model_cac
     from pipeline import setups
 
     paths = [f"paths.output_dir={tmp_path}", f"paths.model_cache_dir={model_cache}"]
-    cfg = compose_resolved(["model=tiny", OLD_DEFAULTS, *paths])  # every added setting at its neutral value
+    cfg = compose_resolved(["model=tiny", *paths])
     older = OmegaConf.create(OmegaConf.to_container(cfg))
     for group, keys in setups.ADDED_LATER.items():
         for key in keys:
@@ -168,22 +164,15 @@ def test_settings_added_later_keep_older_experiments_current(tmp_path, model_cac
 
 # The fine-tune config hash of each shipped setup as every earlier version computed it (measured with the code of
 # 7d8beb3): a finished fold records it, so a change here would call every finished experiment "made with a
-# different setup". The defaults moved to LoRA on the top 8 layers on 2026-12-04 (a new experiment); one made before
-# resumes with finetune.top_layers=null, as README says, which must give its recorded hash.
+# different setup".
 RECORDED_FINETUNE_HASHES = {"": "8de3153269ed9fc1", "experiment=smoke": "7a23d6ebdb56ba7c",
                             "experiment=shared_ties": "8b0e8eeb29df8687", "experiment=shared_frozen": "e4cfec5691ad9d99",
                             "experiment=llama3_8b_qlora": "96246e51ed144619", "model=tiny": "efca5c86798a9eae"}
-KEEP_EVERY_LAYER = {"experiment=shared_ties", "experiment=shared_frozen", "experiment=llama3_8b_qlora"}
 
 
 @pytest.mark.parametrize("override", list(RECORDED_FINETUNE_HASHES))
 def test_finished_experiments_keep_their_finetune_hash(override):
-    """Each shipped setup hashes as before: unchanged where its experiment file keeps every layer, with
-    finetune.top_layers=null (the resume command README gives) where it follows the new default."""
     from pipeline import setups
 
-    overrides = [override] if override else []
-    if override not in KEEP_EVERY_LAYER:
-        assert setups.finetune_config_hash(compose_resolved(overrides)) != RECORDED_FINETUNE_HASHES[override]
-        overrides.append(OLD_DEFAULTS)
-    assert setups.finetune_config_hash(compose_resolved(overrides)) == RECORDED_FINETUNE_HASHES[override]
+    cfg = compose_resolved([override] if override else [])
+    assert setups.finetune_config_hash(cfg) == RECORDED_FINETUNE_HASHES[override]

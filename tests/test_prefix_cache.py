@@ -13,7 +13,7 @@ from pipeline.formatting import encode_frame
 
 # LoRA on the top layer of the tiny 2-layer model in peft's own terms (layers_to_transform with a list of target
 # modules; finetune.top_layers=1 says the same, tested below).
-TOP_LAYER = ("finetune.top_layers=null", "+finetune.lora.layers_to_transform=[1]",
+TOP_LAYER = ("+finetune.lora.layers_to_transform=[1]",
              "finetune.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]")
 
 
@@ -92,8 +92,7 @@ def test_cache_prefix_trains_a_fold_and_needs_top_layers_only(tiny_cfg, monkeypa
     assert len(served) == 2 and all(shape[-1] == cfg.model.tiny.hidden_size for shape in served)  # one per step
     assert not any(isinstance(m, prefix_cache.CachedPrefix) for m in model.modules())  # the whole model is back
     computed.clear(), served.clear()
-    every_layer = tiny_cfg("finetune.cache_prefix=true", "finetune.top_layers=null", "finetune.max_steps=2",
-                           "exp_name=every_layer")
+    every_layer = tiny_cfg("finetune.max_steps=2", "exp_name=every_layer")  # the default: top_layers=null
     _, stats = finetune.train_fold(context.open_run(every_layer, "finetune"), 0, source, tokenizer, rows)
     assert stats["global_step"] == 2 and computed == [] and served == []  # nothing frozen: trained uncached
 
@@ -150,7 +149,7 @@ def test_folds_share_one_prefix_pass_and_a_fold_job_trains_what_the_whole_run_tr
     compute = prefix_cache.compute
     monkeypatch.setattr(prefix_cache, "compute", lambda model, ids, *rest: computed.append(len(ids)) or
                         compute(model, ids, *rest))
-    whole = tiny_cfg("finetune.max_steps=2", "exp_name=whole")
+    whole = tiny_cfg("finetune.top_layers=1", "finetune.max_steps=2", "exp_name=whole")
     finetune.run(whole)
     ctx = context.open_run(whole, "finetune")
     tokenizer = modeling.load_tokenizer(modeling.base_model_dir(whole.model, whole.paths.model_cache_dir), whole.model)
@@ -158,7 +157,7 @@ def test_folds_share_one_prefix_pass_and_a_fold_job_trains_what_the_whole_run_tr
                 for pair in encode_frame(tokenizer, ctx.train.frame, whole.model, swap=swap)}
     assert whole.finetune.swap_augmentation and computed == [len(distinct)]
     computed.clear()
-    alone = tiny_cfg("finetune.max_steps=2", "exp_name=alone", "finetune.folds=[1]")
+    alone = tiny_cfg("finetune.top_layers=1", "finetune.max_steps=2", "exp_name=alone", "finetune.folds=[1]")
     finetune.run(alone)
     assert computed == [len(distinct)]
     weights = [load_file(str(context.open_run(cfg, "finetune").layout.adapter(1) / "adapter_model.safetensors"))
