@@ -1,9 +1,10 @@
 """Train the top layers only, on cached activations of the frozen ones below (finetune.cache_prefix).
 
 With LoRA on the top layers only (`finetune.top_layers`, or `finetune.lora.layers_to_transform`), every layer
-below the first trained one is frozen: it gives each row the same output in every epoch, so that output is computed once per row (no grad,
-batched by length) and kept in memory. During training those layers are replaced by stand-ins that hand the
-batch's cached output to the first trained layer; the embeddings, the attention mask, the rotary positions, the
+below the first trained one is frozen: it gives each row the same output in every epoch and every fold, so that
+output is computed once per row and run (no grad, batched by length; `training.PrefixStore`) and kept in memory.
+During training those layers are replaced by stand-ins that hand the batch's cached output to the first trained
+layer; the embeddings, the attention mask, the rotary positions, the
 layers above, the head's pooling and the loss are the model's own, so a cached step computes what an uncached one
 computes (tested: same loss and gradients). The cache takes rows x tokens x hidden x 2 bytes (bf16/fp16; 4 in fp32);
 above `finetune.cache_prefix_max_gb` the fine-tune runs uncached, and says so; so does one that trains every layer.
