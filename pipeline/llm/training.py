@@ -279,20 +279,22 @@ def with_cached_prefix(cfg: DictConfig, model, rows: list[dict], pad_id: int, on
         log.info("finetune.cache_prefix: every decoder layer trains (finetune.top_layers=null): nothing to cache")
         return rows, None
     store = prefixes if prefixes is not None else PrefixStore([r["input_ids"] for r in rows])
-    wanted = list(dict.fromkeys(tuple(ids) for ids in [*store.run_rows, *(r["input_ids"] for r in rows)]))
-    size = prefix_cache.cache_gb([len(ids) for ids in wanted], int(model.config.hidden_size), dtype)
-    budget = float(cfg.finetune.cache_prefix_max_gb)
-    if size > budget:
-        log.warning("finetune.cache_prefix: the cache would take %.1f GB (> finetune.cache_prefix_max_gb=%g): "
-                    "training uncached", size, budget)
-        return rows, None
-    missing = [ids for ids in wanted if ids not in store.by_ids]
+    if store.by_ids:  # filled by an earlier fold: only rows outside the run's rows (none in a fine-tune) are new
+        missing = list(dict.fromkeys(key for key in (tuple(r["input_ids"]) for r in rows) if key not in store.by_ids))
+    else:  # first use: the budget and one pass over every row of the run
+        missing = list(dict.fromkeys(tuple(ids) for ids in [*store.run_rows, *(r["input_ids"] for r in rows)]))
+        size = prefix_cache.cache_gb([len(ids) for ids in missing], int(model.config.hidden_size), dtype)
+        budget = float(cfg.finetune.cache_prefix_max_gb)
+        if size > budget:
+            log.warning("finetune.cache_prefix: the cache would take %.1f GB (> finetune.cache_prefix_max_gb=%g): "
+                        "training uncached", size, budget)
+            return rows, None
     if missing:
         start = time.perf_counter()
         computed = prefix_cache.compute(model, [list(ids) for ids in missing], first, pad_id,
                                         int(cfg.embed.batch_tokens), on, dtype, cfg.embed.max_batch_padding)
         store.by_ids.update(zip(missing, computed))
-        log.info("finetune.cache_prefix: layers 0-%d of %d rows cached once (%.2f GB, %.0f s)", first - 1,
-                 len(missing), size, time.perf_counter() - start)
+        log.info("finetune.cache_prefix: layers 0-%d of %d rows cached once (%.0f s)", first - 1, len(missing),
+                 time.perf_counter() - start)
     return ([{**r, "prefix": store.by_ids[tuple(r["input_ids"])]} for r in rows],
             prefix_cache.PrefixCache.install(model, first))
