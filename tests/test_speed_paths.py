@@ -110,3 +110,30 @@ def test_lora_without_input_casts_gives_the_same_logits_and_gradients(tiny_cfg):
     assert torch.equal(fast_logits, cast_logits)
     assert fast_grads.keys() == cast_grads.keys() and fast_grads
     assert all(torch.equal(fast_grads[n], cast_grads[n]) for n in fast_grads)
+
+
+def test_gguf_parsed_once_shares_one_reader_per_file_and_restores_gguf(tmp_path):
+    """While converting, a GGUF file is parsed once however often transformers opens it, and gguf's tensor-name
+    map is built once per (arch, depth); afterwards (also after an error) gguf's own functions are back."""
+    import gguf
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with modeling.gguf_parsed_once():
+        first, second = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+        assert first is second and int(first.fields["llama.block_count"].parts[-1][0]) == 2
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA,
+                                                                                                    2)
+    assert gguf.GGUFReader is original_reader and gguf.get_tensor_name_map is original_map
+    with pytest.raises(RuntimeError), modeling.gguf_parsed_once():
+        raise RuntimeError("a failed conversion")
+    assert gguf.GGUFReader is original_reader and gguf.get_tensor_name_map is original_map
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)

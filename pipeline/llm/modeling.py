@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -102,13 +103,39 @@ def find_package_file(package: str, pattern: str) -> Path:
     raise UserError(f"package {package} has no file matching {pattern}")
 
 
+@contextmanager
+def gguf_parsed_once():
+    """While converting: transformers' GGUF loader parses the file's metadata three times (tokenizer, config,
+    weights: 49k vocabulary strings, one memmap slice each, ~4 s a time on one core) and builds gguf's tensor-name
+    map once per module (hundreds of times, ~5 s). Both are pure functions of their arguments and nothing writes to
+    a reader opened read-only, so each is built once here; the converted folder is the same to the byte (tested)."""
+    import gguf
+
+    open_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[str, object] = {}
+
+    def shared_reader(path, mode: str = "r"):
+        if mode != "r":  # a writable reader is never shared
+            return open_reader(path, mode)
+        if str(path) not in readers:
+            readers[str(path)] = open_reader(path, mode)
+        return readers[str(path)]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = open_reader, name_map
+
+
 def convert_gguf(folder: Path, gguf: Path) -> None:
     """Dequantise a GGUF checkpoint once into a plain HF folder (reloads in well under a second)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to an HF folder (once)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model that still claims GGUF quantisation, though its weights are now fp32.
     model.hf_quantizer = None
     model.config.quantization_config = None
