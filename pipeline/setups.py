@@ -9,9 +9,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pipeline import artifacts, inputs
 
 # Settings that change how a run is operated, not what it computes: changing them keeps finished work valid.
-# cache_prefix computes the same steps (tested: same loss and gradients), only faster.
+# cache_prefix computes the same steps (tested: same loss and gradients), only faster; attn_implementation computes
+# the same function (eager or a fused kernel: the training steps' rounding differs, as it does between devices, so a
+# fold trained on a GPU stays valid where a CPU reads it).
 FINETUNE_OPERATIONAL = ("logging_steps", "save_steps", "report_to", "dataloader_num_workers", "deepspeed", "folds",
-                        "cache_prefix", "cache_prefix_max_gb", "teacher_workers")
+                        "cache_prefix", "cache_prefix_max_gb", "teacher_workers", "attn_implementation")
 EMBED_OPERATIONAL = ("batch_tokens", "padding_side", "max_batch_padding")
 # Embed settings that change only the test features (never the OOF features or what the stacker learns from).
 EMBED_TEST_ONLY = ("test_adapters",)
@@ -20,6 +22,7 @@ EMBED_TEST_ONLY = ("test_adapters",)
 # that depends on the group's other settings is a function of them.
 HARD_LABEL_LOSS = "pipeline.llm.losses.HardLabelCrossEntropy"
 ADDED_LATER = {"finetune": {"train": True, "init_adapter": None, "teacher": None, "top_layers": None,
+                            "attn_implementation": None,
                             "loss": lambda ft: {"_target_": HARD_LABEL_LOSS, "label_smoothing": ft["label_smoothing"]}},
                # max_batch_padding is operational (never hashed); its neutral value makes an experiment's recorded
                # config (an export, Predictor.load) batch rows as that experiment did: the same features, to the bit

@@ -61,6 +61,10 @@ def validate_finetune(ft: DictConfig, n_folds: int, stage: str, model_names: boo
     if stage == "fit" and not ft.train:
         raise UserError("stage=fit with finetune.train=false would record an untrained adapter as a finished fit; "
                         "drop finetune.train=false (the frozen-feature path is a stage=all / finetune setting)")
+    attention = ft.get("attn_implementation")
+    if attention is not None and not (isinstance(attention, str) and attention.strip()):
+        raise UserError(f"finetune.attn_implementation={attention}: use auto, null (model.attn_implementation) or an "
+                        "attention implementation's name, e.g. eager or sdpa")
     if ft.head_init not in ("random", "verdict_tokens"):
         raise UserError(f"finetune.head_init={ft.head_init}: use random or verdict_tokens")
     if ft.folds is not None:

@@ -9,8 +9,10 @@ Both: the same LoRA setup (on every layer: finetune.top_layers=null), HF Trainer
 peak_fraction: 4*N FLOPs per real token (frozen base + LoRA; N = non-embedding parameters; no recomputation)
 per second, over this machine's GEMM peak measured here in the pipeline's compute dtype; model_shape_fraction: the
 same over the rate of one decoder layer's linears at the model's shapes (benchmarking.model_shape_rate), at the
-tokens of one batch (--batch-rows x --max-length), measured in this run. The pipeline row skips PEFT's input casts
-(bf16 -> fp32 -> bf16 under autocast: the same numbers); the row above it keeps them, as before.
+tokens of one batch (--batch-rows x --max-length), measured in this run. The last two rows skip PEFT's input casts
+(bf16 -> fp32 -> bf16 under autocast: the same numbers); the rows above keep them, as before. The pipeline row trains
+with finetune.attn_implementation=auto (eager attention on a CPU up to 256 tokens), the rows above it with the
+model's own attention (sdpa).
 Last line: speedup=X.XX padding_waste=Y.YY peak_fraction=Z.ZZ model_shape_fraction=F.FF
 
     python scripts/bench_finetune.py --profile   # where a LoRA step's seconds go (torch profiler), then the bench
@@ -77,7 +79,9 @@ def train_once(cfg, source, tokenizer, rows, dtype, on, grouped: bool, fixed_len
         args.disable_tqdm = True
         trainer = pipeline_trainer(None, tight_length_batches, cache=cache)(model=model, args=args,
                                                                             train_dataset=rows, data_collator=collator)
-        result = trainer.train()
+        with modeling.attention_for_training(model, modeling.training_attention(
+                cfg.finetune.attn_implementation, cfg.model, on)):
+            result = trainer.train()
         bench.synchronize(on)
         seconds = time.perf_counter() - start
     real = trainer.real_tokens
@@ -138,15 +142,20 @@ def main() -> None:
     # peak_fraction reflects the machine as the run sees it (shared machines drift).
     # What the pipeline ran before profiling: HF's length grouping and LoRA dropout 0.05 (dropout masks were 27% of
     # a CPU LoRA step's self time; HF grouping does not group a few hundred rows).
-    profiled = cfg.copy()
+    own_attention = cfg.copy()  # the rows before finetune.attn_implementation=auto: the model's own attention
+    own_attention.finetune.attn_implementation = None
+    profiled = own_attention.copy()
     profiled.finetune.lora.lora_dropout = 0.05
     before = train_once(profiled, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None,
                         tight_length_batches=False, input_casts=True)
-    casts = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None, input_casts=True)
+    casts = train_once(own_attention, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None,
+                       input_casts=True)
+    no_casts = train_once(own_attention, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None)
     batch_tokens = args.batch_rows * cfg.model.max_length
     peak = bench.gemm_peak(dtype, on)
     shape_rate = bench.model_shape_rate(casts["config"], batch_tokens, dtype, on)
     pipeline = train_once(cfg, source, tokenizer, rows, dtype, on, grouped=True, fixed_length=None)
+    attention = modeling.training_attention(cfg.finetune.attn_implementation, cfg.model, on) or "(the model's own)"
     bench.print_table([
         ("naive (fp32, file order, pad to max_length)", f"{naive['seconds']:.1f}", f"{naive['tokens_per_s']:.0f}",
          f"{naive['waste']:.3f}", f"{naive['flops_per_s'] / 1e9:.1f}"),
@@ -156,15 +165,19 @@ def main() -> None:
         (f"  + sorted length batches, dropout {cfg.finetune.lora.lora_dropout}, PEFT input casts",
          f"{casts['seconds']:.1f}", f"{casts['tokens_per_s']:.0f}", f"{casts['waste']:.3f}",
          f"{casts['flops_per_s'] / 1e9:.1f}"),
-        ("  + no PEFT input casts (pipeline)", f"{pipeline['seconds']:.1f}",
-         f"{pipeline['tokens_per_s']:.0f}", f"{pipeline['waste']:.3f}", f"{pipeline['flops_per_s'] / 1e9:.1f}"),
+        ("  + no PEFT input casts", f"{no_casts['seconds']:.1f}", f"{no_casts['tokens_per_s']:.0f}",
+         f"{no_casts['waste']:.3f}", f"{no_casts['flops_per_s'] / 1e9:.1f}"),
+        (f"  + training attention {attention} (finetune.attn_implementation=auto: pipeline)",
+         f"{pipeline['seconds']:.1f}", f"{pipeline['tokens_per_s']:.0f}", f"{pipeline['waste']:.3f}",
+         f"{pipeline['flops_per_s'] / 1e9:.1f}"),
     ], ("setup", "seconds", "real tokens/s", "padding waste", "model GFLOP/s"))
     print(f"square GEMM peak ({str(dtype).split('.')[-1]}): {peak / 1e9:.1f} GFLOP/s; model-shape linears at "
           f"{batch_tokens} tokens: {shape_rate / 1e9:.1f} GFLOP/s; N = {pipeline['n_params']:,}; AMX: "
           f"{bench.has_amx()}")
     print(f"profiling fix: {pipeline['tokens_per_s'] / before['tokens_per_s']:.2f}x tokens/s; input casts: "
-          f"{pipeline['tokens_per_s'] / casts['tokens_per_s']:.2f}x; loss {casts['loss']:.5f} with, "
-          f"{pipeline['loss']:.5f} without")
+          f"{no_casts['tokens_per_s'] / casts['tokens_per_s']:.2f}x; loss {casts['loss']:.5f} with, "
+          f"{no_casts['loss']:.5f} without; training attention {attention}: "
+          f"{pipeline['tokens_per_s'] / no_casts['tokens_per_s']:.2f}x, loss {pipeline['loss']:.5f}")
     print(f"speedup={pipeline['tokens_per_s'] / naive['tokens_per_s']:.2f} padding_waste={pipeline['waste']:.2f} "
           f"peak_fraction={pipeline['flops_per_s'] / peak:.2f} "
           f"model_shape_fraction={pipeline['flops_per_s'] / shape_rate:.2f}")

@@ -137,3 +137,51 @@ def test_gguf_parsed_once_shares_one_reader_per_file_and_restores_gguf(tmp_path)
         raise RuntimeError("a failed conversion")
     assert gguf.GGUFReader is original_reader and gguf.get_tensor_name_map is original_map
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
+@pytest.mark.parametrize(("requested", "max_length", "device", "expected"), [
+    ("auto", 128, "cpu", "eager"), ("auto", modeling.EAGER_TRAINING_MAX_TOKENS, "cpu", "eager"),
+    ("auto", modeling.EAGER_TRAINING_MAX_TOKENS + 1, "cpu", None), ("auto", 128, "cuda", None),
+    (None, 128, "cpu", None), ("sdpa", 128, "cpu", "sdpa"), ("eager", 4096, "cuda", "eager")])
+def test_training_attention_is_eager_on_a_cpu_for_short_rows_only(requested, max_length, device, expected):
+    """finetune.attn_implementation=auto: eager for CPU training steps on rows up to EAGER_TRAINING_MAX_TOKENS
+    tokens, else the model's own (None); null keeps the model's own; a name is used as given."""
+    model_cfg = OmegaConf.create({"max_length": max_length})
+    assert modeling.training_attention(requested, model_cfg, torch.device(device)) == expected
+
+
+def test_training_steps_run_eager_and_the_trained_model_scores_with_its_own_attention(tiny_cfg, monkeypatch):
+    """With the default (auto) a tiny CPU fine-tune's forward passes in training run eager attention, and the model
+    it hands to the fold-end pass is back on the model's own (sdpa), as stage=embed and stage=predict load it; a
+    name the model cannot use is one `error:` line."""
+    from transformers.models.llama import modeling_llama
+
+    from pipeline import context
+    from pipeline.data import load_pairs
+    from pipeline.errors import UserError
+    from pipeline.formatting import encode_frame
+    from pipeline.llm import training
+    from pipeline.stages import finetune
+
+    seen = []
+    eager = modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward",
+                        lambda *args, **kwargs: seen.append("eager") or eager(*args, **kwargs))
+    cfg = tiny_cfg("finetune.max_steps=2")
+    assert cfg.finetune.attn_implementation == "auto"
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    tokenizer = modeling.load_tokenizer(source, cfg.model)
+    frame = load_pairs(inputs.data_paths(cfg).train, with_labels=True).frame
+    rows = training.training_rows(encode_frame(tokenizer, frame, cfg.model), None, frame["label"].to_numpy(),
+                                  np.arange(32), False)
+    model, stats = finetune.train_fold(context.open_run(cfg, "finetune"), 0, source, tokenizer, rows)
+    assert stats["global_step"] == 2 and len(seen) == 2 * cfg.model.tiny.num_hidden_layers  # 2 steps, every layer
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    seen.clear()
+    with torch.no_grad():
+        model(**{k: torch.tensor([v]) for k, v in {"input_ids": rows[0]["input_ids"]}.items()})
+    assert seen == []  # scoring: the model's own attention
+    with pytest.raises(UserError, match="finetune.attn_implementation=no_such_kernel"):
+        with modeling.attention_for_training(model, "no_such_kernel"):
+            pass
+    assert model.get_base_model().config._attn_implementation == "sdpa"

@@ -18,6 +18,7 @@ import tempfile
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -329,6 +330,45 @@ def load_classifier(source: Path | str, model_cfg: DictConfig, tokenizer, dtype:
     if quant is None:
         model.to(on)
     return model
+
+
+# finetune.attn_implementation=auto trains with eager attention on a CPU up to this many tokens a row: there the CPU
+# flash kernel's backward is 3-8x slower than eager's (70 tokens: 17.5 vs 5.2 ms a layer), so LoRA steps ran 1.13-1.2x
+# faster at 70-192 tokens and no slower at 512 (scripts/bench_finetune.py); eager keeps each layer's attention
+# probabilities for the backward (rows x heads x tokens^2), which this bound keeps small.
+EAGER_TRAINING_MAX_TOKENS = 256
+
+
+def training_attention(requested: str | None, model_cfg: DictConfig, on: torch.device) -> str | None:
+    """finetune.attn_implementation as the attention training steps use: `auto` is eager on a CPU for rows of up to
+    EAGER_TRAINING_MAX_TOKENS tokens (model.max_length) and else the model's own; None keeps the model's own."""
+    if requested != "auto":
+        return requested
+    if on.type == "cpu" and int(model_cfg.max_length) <= EAGER_TRAINING_MAX_TOKENS:
+        return "eager"
+    return None
+
+
+@contextmanager
+def attention_for_training(model, implementation: str | None) -> Iterator[None]:
+    """Within the block the model's attention is `implementation` (None: unchanged); on leaving (also on an error)
+    it is the model's own again, so the fold-end pass scores as stage=embed and stage=predict do. The same function
+    of the inputs either way: only the rounding of the training steps differs."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = hf_model.config._attn_implementation
+    if implementation is None or implementation == own:
+        yield
+        return
+    try:
+        hf_model.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as exc:
+        raise UserError(f"finetune.attn_implementation={implementation}: this model cannot train with it "
+                        f"({' '.join(str(exc).split())[:200]}); use auto, null (model.attn_implementation) or "
+                        "eager") from None
+    try:
+        yield
+    finally:
+        hf_model.set_attn_implementation(own)
 
 
 def lora_on_top_layers(lora: dict, top_layers: int | None, depth: int, layer_linears: list[str]) -> dict:

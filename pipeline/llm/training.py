@@ -241,24 +241,29 @@ def train_adapter(cfg: DictConfig, on: torch.device, dtype: torch.dtype, source,
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
         log.info("resuming from %s", resume)
-    cache = None
-    if cfg.finetune.get("cache_prefix"):
-        rows, cache = with_cached_prefix(cfg, model, rows, tokenizer.pad_token_id, on, dtype, prefixes)
-    loss = training_loss(cfg.finetune)
-    collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1, targets=loss.targets)
-    trainer = pipeline_trainer(cfg.finetune.head_learning_rate, cache=cache, loss=loss)(
-        model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
-        data_collator=collator, processing_class=tokenizer)
-    for callback in trainer.callback_handler.callbacks:
-        # TensorBoard would write under checkpoints/, which is removed once the adapter is saved.
-        if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
-            callback.logging_dir = str(tracking_dir)
-    start = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        if cache is not None:
-            cache.restore()
+    # finetune.attn_implementation: the training steps' attention (the frozen prefix's too, so cached and uncached
+    # steps are the same); the model scores with its own again afterwards.
+    attention = modeling.training_attention(cfg.finetune.get("attn_implementation"), cfg.model, on)
+    with modeling.attention_for_training(model, attention):
+        cache = None
+        if cfg.finetune.get("cache_prefix"):
+            rows, cache = with_cached_prefix(cfg, model, rows, tokenizer.pad_token_id, on, dtype, prefixes)
+        loss = training_loss(cfg.finetune)
+        collator = PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on.type == "cuda" else 1,
+                                   targets=loss.targets)
+        trainer = pipeline_trainer(cfg.finetune.head_learning_rate, cache=cache, loss=loss)(
+            model=model, args=training_arguments(cfg, checkpoints, seed, dtype, on), train_dataset=rows,
+            data_collator=collator, processing_class=tokenizer)
+        for callback in trainer.callback_handler.callbacks:
+            # TensorBoard would write under checkpoints/, which is removed once the adapter is saved.
+            if type(callback).__name__ == "TensorBoardCallback" and callback.logging_dir is None:
+                callback.logging_dir = str(tracking_dir)
+        start = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            if cache is not None:
+                cache.restore()
     seconds = time.perf_counter() - start
     real, padded = trainer.real_tokens, trainer.padded_tokens
     stats = {"train_seconds": round(seconds, 2), "train_rows": len(rows), "train_tokens": real,
