@@ -79,6 +79,10 @@ class Teacher:
                           student_cfg: DictConfig) -> pd.DataFrame:
         raise NotImplementedError
 
+    def check_folds(self, data: TeacherData, ctx: RunContext) -> None:
+        """Refuse, before any target is made, folds this teacher cannot make leak-free targets for (nothing to
+        refuse by default)."""
+
     def release(self) -> None:
         """Free what the teacher held while making targets (a loaded model)."""
 
@@ -279,6 +283,24 @@ class StageTwoTeacher(Teacher):
         return spec, ctx, cv.StackData(stacker_inputs(ctx.train.frame, features), ctx.labels, ctx.fold_of, ctx.groups,
                                        spec.vectors.settings(features.vectors), test, str(cfg.cv.group_by))
 
+    def check_folds(self, data: TeacherData, ctx: RunContext) -> None:
+        """Student fold k's targets come from stage two cross-fitted within fold k's training folds: each nested
+        stacker is fitted on the K-2 folds left, whose rows must hold two groups (cv.group_by) for an inner split.
+        With cv.group_by=source and three sources one is left: refused at stage=check, before any target."""
+        groups = ctx.groups
+        for k in range(ctx.n_folds):
+            for j in (j for j in range(ctx.n_folds) if j != k):
+                rows = (ctx.fold_of != k) & (ctx.fold_of != j)
+                n_groups = len(np.unique(groups[rows]))
+                if n_groups < 2:
+                    raise UserError(
+                        f"finetune.teacher={self.path}: its targets for fold {k} come from stage two cross-fitted "
+                        f"within the other folds (no label of fold {k} reaches them), so each nested stacker is "
+                        f"fitted on {ctx.n_folds - 2} fold(s): {int(rows.sum())} rows in {n_groups} group(s) of "
+                        f"cv.group_by={ctx.cfg.cv.group_by}, nothing to choose on an inner split; raise cv.n_folds, "
+                        "use another cv.group_by, or teach with a fine-tuned experiment's fold adapters "
+                        "(finetune.teacher=outputs/NAME)")
+
     def nested(self, k: int, data: TeacherData) -> pd.DataFrame:
         from pipeline.stage_two import cv
 
@@ -352,6 +374,7 @@ def load(ctx: RunContext, fold_list: list[int], unlabeled: inputs.Unlabeled | No
         teacher = resolve(path)
         data = teacher.data(cache_dir)
         check_shared_rows(path, data, ctx.train.frame, ctx.fold_of, ctx.n_folds)
+        teacher.check_folds(data, ctx)
         for k in fold_list:
             frame = teacher.fold_targets(k, data, ctx.cfg).set_index("id")
             train = ctx.fold_of != k
@@ -372,5 +395,6 @@ def check(ctx: RunContext) -> list[dict]:
         teacher = resolve(path)
         data = teacher.data(str(ctx.cfg.paths.model_cache_dir))
         check_shared_rows(path, data, ctx.train.frame, ctx.fold_of, ctx.n_folds)
+        teacher.check_folds(data, ctx)
         found.append({"path": str(path), "kind": teacher.kind, "model": str(data.cfg.model.name)})
     return found

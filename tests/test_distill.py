@@ -402,3 +402,30 @@ def test_extra_rows_no_teacher_labelled_train_on_their_own_label(tiny_cfg):
     assert [r[TEACHER_PROBS] for r in rows[:5]] == np.eye(3)[labels].tolist()
     assert [r[TEACHER_PROBS] for r in rows[5:]] == np.eye(3)[[{0: 1, 1: 0, 2: 2}[y] for y in labels]].tolist()
     assert all(TEACHER_PROBS not in r for r in training.all_training_rows(tokenizer, frame, cfg.model, False))
+
+
+@pytest.mark.parametrize(("n_folds", "group_of_fold", "refused"), [
+    (3, [0, 1, 2], True),             # leave one source out with three sources: one source per nested stacker
+    (4, [0, 1, 2, 3], False),         # four sources: two left for each nested stacker
+    (3, [0, 0, 1], False),            # many groups per fold (cv.group_by=prompt): always splittable
+    (2, [0, 1], True),                # two folds: a nested stacker would have no rows at all
+])
+def test_a_stage_two_teacher_whose_nested_stackers_cannot_split_is_refused(n_folds, group_of_fold, refused):
+    """A stage-two teacher's targets for fold k come from stackers fitted on K-2 folds: where those rows hold one
+    group of cv.group_by (or none), nothing could be chosen on an inner split, so the teacher is refused with a
+    message that says why (stage=check and the fine-tune's setup call this before any target is made)."""
+    from types import SimpleNamespace
+
+    fold_of = np.repeat(np.arange(n_folds), 6)
+    # Row i's group: its fold's source, or (for [0, 0, 1]) one group per row beside the source.
+    groups = np.array([f"{group_of_fold[f]}-{i if group_of_fold == [0, 0, 1] else ''}" for i, f in enumerate(fold_of)])
+    ctx = SimpleNamespace(n_folds=n_folds, fold_of=fold_of, groups=groups,
+                          cfg=SimpleNamespace(cv=SimpleNamespace(group_by="source")))
+    teacher = teachers.StageTwoTeacher(Path("outputs/frozen/stack"), Path("outputs/frozen"))
+    if refused:
+        with pytest.raises(UserError, match="finetune.teacher=outputs/frozen/stack: its targets for fold 0 come "
+                                            "from stage two cross-fitted within the other folds"):
+            teacher.check_folds(None, ctx)
+    else:
+        teacher.check_folds(None, ctx)
+    assert teachers.LLMTeacher(Path("outputs/tuned"), Path("outputs/tuned")).check_folds(None, ctx) is None
