@@ -8,6 +8,7 @@ and rank 0 gathers them (`score_rows`); the manifests record which rank scored h
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,9 +26,11 @@ from pipeline.errors import UserError, require_int
 from pipeline.feature_table import HEAD, HEAD_SWAPPED, STORAGE_DTYPES, PassFeatures, VectorKey
 from pipeline.formatting import EncodedPair
 from pipeline.layout import EmbedFoldRecord
-from pipeline.llm.adapters import average_adapters, merged_lora
+from pipeline.llm.adapters import (average_adapters, merged_lora, model_scoring_fingerprint,
+                                   saved_scoring_fingerprint)
 from pipeline.llm.inference import LMHead, forward_pass, softmax
 
+log = logging.getLogger(__name__)
 POOLINGS = ("mean", "last")
 TEST_ADAPTERS = ("each", "averaged")
 
@@ -248,6 +251,11 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
         test_passes = [k for k in wanted if not layout.test_fold_features(folder, k).exists()]
     if not (train_folds or test_passes):
         return
+    twins = test_pass_twins(ctx, test_passes)
+    if not train_folds and all(k in twins for k in test_passes):  # e.g. a fold job's test pass copied at its end
+        for k in test_passes:
+            copy_test_pass(ctx, folder, twins[k], k)
+        return
     source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
     tokenizer = modeling.load_tokenizer(source, cfg.model)
     settings = PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source)
@@ -255,6 +263,9 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
     test_rows = encode_rows(tokenizer, ctx.test.frame, cfg) if test_passes else None
     model = modeling.load_classifier(source, cfg.model, tokenizer, ctx.dtype, ctx.device)
     for k in sorted(set(train_folds) | {k for k in test_passes if k is not None}):
+        if k not in train_folds and k in twins:
+            copy_test_pass(ctx, folder, twins[k], k)
+            continue
         start = time.perf_counter()
         model = modeling.attach_adapter(model, lay.adapter(k), f"fold_{k}")
         if k in train_folds:
@@ -265,11 +276,51 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
                                 desc=f"embed fold {k}")
             if ctx.is_main:
                 write_train_fold(ctx, k, scored, setup, ft_states[k]["train_folds"], time.perf_counter() - start)
-        if k in test_passes:
+        if k in twins:
+            copy_test_pass(ctx, folder, twins[k], k)
+        elif k in test_passes:
             write_test_pass(ctx, folder, k, model, test_rows, settings)
     if None in test_passes:
         model = modeling.attach_adapter(model, averaged_adapter(ctx, ft_states), "averaged")
         write_test_pass(ctx, folder, None, model, test_rows, settings)
+
+
+def test_pass_twins(ctx: RunContext, test_passes: list[int | None]) -> dict[int, int]:
+    """For each fold in `test_passes` whose adapter scores as another fold's (equal adapters.scoring_fingerprint,
+    e.g. the frozen path's folds), the fold whose test pass it takes: one already written, or one scored earlier in
+    this run (folds go in order). Decided from the adapters alone, so every rank decides the same."""
+    folds = [k for k in test_passes if k is not None]
+    if not folds:
+        return {}
+    fingerprints = {j: saved_scoring_fingerprint(ctx.layout.adapter(j)) for j in range(ctx.n_folds)}
+    twins = {}
+    for k in folds:
+        earlier = [j for j in range(ctx.n_folds) if j != k and fingerprints[j] == fingerprints[k]
+                   and (j not in folds or j < k)]
+        if earlier:
+            twins[k] = earlier[0]
+    return twins
+
+
+def written_twin(ctx: RunContext, folder: Path, model, k: int) -> int | None:
+    """At fold k's end: a finished fold whose test pass is written in `folder` and whose adapter scores as fold k's
+    model does (equal adapters.scoring_fingerprint), else None."""
+    written = [j for j in range(ctx.n_folds) if j != k and layout.test_fold_features(folder, j).exists()
+               and (ctx.layout.adapter(j) / "adapter_model.safetensors").exists()]
+    if not written:
+        return None
+    fingerprint = model_scoring_fingerprint(model)
+    return next((j for j in written if saved_scoring_fingerprint(ctx.layout.adapter(j)) == fingerprint), None)
+
+
+def copy_test_pass(ctx: RunContext, folder: Path, twin: int, k: int) -> None:
+    """Fold k's test features are fold `twin`'s: their adapters score every row the same (test_pass_twins), so the
+    pass that was run serves both."""
+    if ctx.is_main:
+        with artifacts.atomic_path(layout.test_fold_features(folder, k)) as tmp:
+            shutil.copyfile(layout.test_fold_features(folder, twin), tmp)
+    log.info("fold %d scores as fold %d (the same adapter, LoRA B = 0 aside): its test pass is fold %d's", k, twin,
+             twin)
 
 
 def write_test_pass(ctx: RunContext, folder: Path, k: int | None, model, rows: Rows, settings: PassSettings) -> None:

@@ -3,6 +3,7 @@ weights (embed.merge_lora) and LoRA linears without PEFT's input casts (undone b
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -185,3 +186,71 @@ def test_training_steps_run_eager_and_the_trained_model_scores_with_its_own_atte
         with modeling.attention_for_training(model, "no_such_kernel"):
             pass
     assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_a_lora_pair_with_b_zero_counts_as_absent_in_the_scoring_fingerprint():
+    """Adapters that differ only in the A of a LoRA pair whose B is zero score alike (B A x = 0): equal
+    fingerprints; any non-zero B, or another head, tells them apart."""
+    from pipeline.llm.adapters import scoring_fingerprint
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    head = {"base_model.model.score.weight": torch.ones(3, 4)}
+    zero_b = {key.format("A"): torch.randn(2, 4), key.format("B"): torch.zeros(4, 2), **head}
+    other_a = {**zero_b, key.format("A"): torch.randn(2, 4)}
+    assert scoring_fingerprint(zero_b) == scoring_fingerprint(other_a)
+    assert scoring_fingerprint(zero_b) != scoring_fingerprint({**zero_b, key.format("B"): torch.full((4, 2), 1e-8)})
+    assert scoring_fingerprint(zero_b) != scoring_fingerprint({**zero_b, "base_model.model.score.weight":
+                                                               torch.full((3, 4), 2.0)})
+
+
+@pytest.mark.parametrize("head_init", ["verdict_tokens", "random"])
+def test_frozen_folds_share_one_test_pass_with_the_features_each_fold_gives(tiny_cfg, monkeypatch, head_init):
+    """The frozen path (finetune.train=false): with the zero-shot head every fold is the same model (LoRA B = 0), so
+    the test rows are scored once and the other folds take that pass, bit for bit what their own passes give (a run
+    with the sharing turned off); with random heads the folds differ and each scores its own. stage=embed / predict
+    re-making a deleted fold pass take the same shortcut without loading the model."""
+    from pipeline import feature_table, layout
+    from pipeline.llm import modeling as llm_modeling
+    from pipeline.stages import finetune
+
+    passes = []
+    write = embed_passes.write_test_pass
+    monkeypatch.setattr(embed_passes, "write_test_pass", lambda ctx, folder, k, *rest: passes.append(k) or
+                        write(ctx, folder, k, *rest))
+    frozen = ("finetune.train=false", f"finetune.head_init={head_init}")
+    cfg = tiny_cfg(*frozen, "exp_name=shared")
+    finetune.run(cfg)
+    shared_passes = list(passes)
+    with monkeypatch.context() as off:
+        off.setattr(embed_passes, "written_twin", lambda *args: None)
+        passes.clear()
+        alone = tiny_cfg(*frozen, "exp_name=alone")
+        finetune.run(alone)
+        assert passes == [0, 1, 2]
+    folders = [feature_table.test_folder(context_of(c), first_fold_state(c)) for c in (cfg, alone)]
+    for k in range(3):
+        shared, own = (pd.read_parquet(layout.test_fold_features(f, k)) for f in folders)
+        pd.testing.assert_frame_equal(shared, own, check_exact=True)
+    if head_init == "random":
+        assert shared_passes == [0, 1, 2]
+        return
+    assert shared_passes == [0]
+    for k in (1, 2):
+        layout.test_fold_features(folders[0], k).unlink()
+    monkeypatch.setattr(llm_modeling, "load_classifier", lambda *args, **kwargs: pytest.fail("no pass is needed"))
+    passes.clear()
+    embed_passes.extract_missing(context_of(cfg), feature_table.finetune_fold_states(context_of(cfg)), {}, [],
+                                 with_test=True)
+    assert passes == [] and all(layout.test_fold_features(folders[0], k).exists() for k in (1, 2))
+
+
+def context_of(cfg):
+    from pipeline import context
+
+    return context.open_run(cfg, "embed", record=False)
+
+
+def first_fold_state(cfg):
+    from pipeline import feature_table
+
+    return feature_table.finetune_fold_states(context_of(cfg))[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
@@ -80,6 +80,41 @@ def _base_params(layer) -> list[torch.nn.Parameter]:
     """The weight and (where there is one) the bias of a LoRA layer's base linear: what a merge changes."""
     base = layer.get_base_layer()
     return [p for p in (base.weight, base.bias) if p is not None]
+
+
+def scoring_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """What scoring with an adapter (its saved tensors, or peft's state dict of a model) depends on: every tensor,
+    except that a LoRA pair whose B is all zeros adds exactly nothing (B A x = 0 whatever A is) and so counts as
+    absent. Fold adapters with equal fingerprints score every row the same on one base model: the frozen path's folds
+    (LoRA B = 0, the same zero-shot head; only A's random start differs) need one test pass, not K."""
+    import hashlib
+
+    silent = {key for key, tensor in tensors.items() if ".lora_B." in key and not tensor.any()}
+    silent |= {key.replace(".lora_B.", ".lora_A.") for key in silent}
+    digest = hashlib.sha256()
+    for key in sorted(set(tensors) - silent):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def saved_scoring_fingerprint(adapter: Path) -> str:
+    """scoring_fingerprint of a saved adapter folder."""
+    from safetensors.torch import load_file
+
+    from pipeline.llm.modeling import check_safetensors
+
+    weights = adapter / "adapter_model.safetensors"
+    check_safetensors(weights)
+    return scoring_fingerprint(load_file(str(weights)))
+
+
+def model_scoring_fingerprint(model) -> str:
+    """scoring_fingerprint of a PEFT model's active adapter (what save_pretrained would write)."""
+    from peft import get_peft_model_state_dict
+
+    return scoring_fingerprint(get_peft_model_state_dict(model))
 
 
 def average_adapters(adapters: list[Path], target: Path) -> None:

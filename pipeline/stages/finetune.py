@@ -184,9 +184,13 @@ def train_and_score_fold(run_: FinetuneRun, k: int) -> None:
         artifacts.mark_done(fold_dir, FinetuneFoldRecord(k, train_folds, stats, run_.settings).as_state(run_.setup))
         embed_passes.write_train_fold(ctx, k, scored, run_.embed_setup, train_folds, time.perf_counter() - start)
     if run_.test_folder is not None and not layout.test_fold_features(run_.test_folder, k).exists():
-        if run_.test_rows is None:
-            run_.test_rows = embed_passes.encode_rows(run_.tokenizer, ctx.test.frame, cfg)
-        embed_passes.write_test_pass(ctx, run_.test_folder, k, model, run_.test_rows, run_.pass_settings)
+        twin = embed_passes.written_twin(ctx, run_.test_folder, model, k)
+        if twin is not None:  # the frozen path: every fold scores as the first
+            embed_passes.copy_test_pass(ctx, run_.test_folder, twin, k)
+        else:
+            if run_.test_rows is None:
+                run_.test_rows = embed_passes.encode_rows(run_.tokenizer, ctx.test.frame, cfg)
+            embed_passes.write_test_pass(ctx, run_.test_folder, k, model, run_.test_rows, run_.pass_settings)
     if ctx.is_main:
         shutil.rmtree(lay.checkpoints(k), ignore_errors=True)
         log.info("fold %d: logloss %.4f, %.0f tokens/s", k, stats["logloss"], stats["tokens_per_s"])
