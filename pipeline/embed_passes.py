@@ -252,18 +252,17 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
     if not (train_folds or test_passes):
         return
     twins = test_pass_twins(ctx, test_passes)
-    if not train_folds and all(k in twins for k in test_passes):  # e.g. a fold job's test pass copied at its end
-        for k in test_passes:
-            copy_test_pass(ctx, folder, twins[k], k)
-        return
-    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
-    tokenizer = modeling.load_tokenizer(source, cfg.model)
-    settings = PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source)
-    train_rows = encode_rows(tokenizer, ctx.train.frame, cfg) if train_folds else None
-    test_rows = encode_rows(tokenizer, ctx.test.frame, cfg) if test_passes else None
-    model = modeling.load_classifier(source, cfg.model, tokenizer, ctx.dtype, ctx.device)
-    for k in sorted(set(train_folds) | {k for k in test_passes if k is not None}):
-        if k not in train_folds and k in twins:
+    test_scored = [k for k in test_passes if k not in twins]  # None (the averaged adapter) included
+    to_score = set(train_folds) | set(test_scored)
+    if to_score:  # else every pass left is a copy: no model to load
+        source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+        tokenizer = modeling.load_tokenizer(source, cfg.model)
+        settings = PassSettings(tokenizer.pad_token_id, cfg.embed, ctx.device, ctx.dtype, source)
+        train_rows = encode_rows(tokenizer, ctx.train.frame, cfg) if train_folds else None
+        test_rows = encode_rows(tokenizer, ctx.test.frame, cfg) if test_scored else None
+        model = modeling.load_classifier(source, cfg.model, tokenizer, ctx.dtype, ctx.device)
+    for k in sorted(set(train_folds) | {k for k in test_passes if k is not None}):  # a twin's source goes first
+        if k not in to_score:
             copy_test_pass(ctx, folder, twins[k], k)
             continue
         start = time.perf_counter()
@@ -288,9 +287,10 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
 def test_pass_twins(ctx: RunContext, test_passes: list[int | None]) -> dict[int, int]:
     """For each fold in `test_passes` whose adapter scores as another fold's (equal adapters.scoring_fingerprint,
     e.g. the frozen path's folds), the fold whose test pass it takes: one already written, or one scored earlier in
-    this run (folds go in order). Decided from the adapters alone, so every rank decides the same."""
+    this run (folds go in order). Decided from the adapters alone, so every rank decides the same. Trained folds never
+    score alike, so their adapters are not even read."""
     folds = [k for k in test_passes if k is not None]
-    if not folds:
+    if not folds or ctx.cfg.finetune.train:
         return {}
     fingerprints = {j: saved_scoring_fingerprint(ctx.layout.adapter(j)) for j in range(ctx.n_folds)}
     twins = {}
@@ -304,7 +304,9 @@ def test_pass_twins(ctx: RunContext, test_passes: list[int | None]) -> dict[int,
 
 def written_twin(ctx: RunContext, folder: Path, model, k: int) -> int | None:
     """At fold k's end: a finished fold whose test pass is written in `folder` and whose adapter scores as fold k's
-    model does (equal adapters.scoring_fingerprint), else None."""
+    model does (equal adapters.scoring_fingerprint), else None (always for trained folds: none score alike)."""
+    if ctx.cfg.finetune.train:
+        return None
     written = [j for j in range(ctx.n_folds) if j != k and layout.test_fold_features(folder, j).exists()
                and (ctx.layout.adapter(j) / "adapter_model.safetensors").exists()]
     if not written:
