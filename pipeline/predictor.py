@@ -35,6 +35,7 @@ from pipeline.stage_two import cv, design, store
 
 from pipeline.stage_two.spec import StackSpec
 from pipeline.llm import modeling
+from pipeline.llm.adapters import saved_scoring_fingerprint
 from pipeline.data import LABEL_COLUMNS, PairData, parse_frame
 from pipeline.errors import UserError
 from pipeline.feature_table import PassFeatures
@@ -104,6 +105,7 @@ class Predictor:
         self._tokenizer = None
         self._model = None           # the base model, loaded at the first call and kept (adapters swap on it)
         self._active_adapter: Path | None = None
+        self._twins: dict[int, int] | None = None  # adapter -> an earlier one it scores as (see adapter_twins)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -219,6 +221,9 @@ class Predictor:
         dtype = self.cfg.embed.storage_dtype
         passes = []
         for k, adapter in enumerate(self.adapters or [None]):
+            if k in self.adapter_twins:  # the same model as an earlier fold's: the same features
+                passes.append(passes[self.adapter_twins[k]])
+                continue
             if adapter is not None and adapter != self._active_adapter:
                 self._model = modeling.attach_adapter(self._model, adapter,
                                                       f"fold_{k}" if len(self.adapters) > 1 else "averaged")
@@ -227,6 +232,17 @@ class Predictor:
                                                desc=f"adapter {k + 1}/{len(self.adapters or [0])}")
             passes.append(stored_features(feats, dtype))
         return PairFeatures(data.frame["id"].to_numpy(), stored_features(PassFeatures.mean(passes), dtype))
+
+    @property
+    def adapter_twins(self) -> dict[int, int]:
+        """Fold adapters that score as an earlier one (equal adapters.scoring_fingerprint: the frozen path's folds),
+        each with that earlier one, whose pass serves both, as stage=predict shares it (worked out once: an export
+        records no finetune settings to tell a frozen experiment by)."""
+        if self._twins is None:
+            fingerprints = [saved_scoring_fingerprint(adapter) for adapter in self.adapters]
+            self._twins = {k: fingerprints.index(fp) for k, fp in enumerate(fingerprints)
+                           if fingerprints.index(fp) != k}
+        return self._twins
 
     def _predict_proba(self, data: PairData) -> np.ndarray:
         pair = design.stacker_inputs(data.frame, self._features(data).passes)

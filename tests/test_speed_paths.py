@@ -244,6 +244,34 @@ def test_frozen_folds_share_one_test_pass_with_the_features_each_fold_gives(tiny
     assert passes == [] and all(layout.test_fold_features(folders[0], k).exists() for k in (1, 2))
 
 
+def test_the_predictor_scores_alike_folds_once_with_the_features_each_gives(tiny_cfg, monkeypatch):
+    """The Predictor (and so an export) shares a pass between fold adapters that score alike, as stage=predict does:
+    one pass for the frozen path's three folds, features equal to three passes to the bit."""
+    from pipeline.data import load_pairs
+    from pipeline.predictor import Predictor
+    from pipeline.stages import finetune
+
+    cfg = tiny_cfg("finetune.train=false", "finetune.head_init=verdict_tokens")
+    finetune.run(cfg)
+    source = modeling.base_model_dir(cfg.model, cfg.paths.model_cache_dir)
+    adapters = [context_of(cfg).layout.adapter(k) for k in range(3)]
+    frame = load_pairs(inputs.data_paths(cfg).test, with_labels=False).frame
+    calls = []
+    pass_features = embed_passes.pass_features
+    monkeypatch.setattr(embed_passes, "pass_features", lambda *args, **kwargs: calls.append(1) or
+                        pass_features(*args, **kwargs))
+    shared = Predictor(cfg, source, adapters, None, {}, [], {}, "cpu")
+    assert shared.adapter_twins == {1: 0, 2: 0}
+    features = shared.features(frame)
+    assert len(calls) == 1
+    alone = Predictor(cfg, source, adapters, None, {}, [], {}, "cpu")
+    alone._twins = {}
+    expected = alone.features(frame)
+    assert len(calls) == 4
+    for name, column in expected.passes.columns().items():
+        np.testing.assert_array_equal(features.passes.columns()[name], column)
+
+
 def context_of(cfg):
     from pipeline import context
 
