@@ -132,6 +132,14 @@ class LLMTeacher(Teacher):
 
     def data(self, model_cache_dir: str) -> TeacherData:
         cfg = recorded_config(self.exp, "finetune", model_cache_dir)
+        untrained = cfg.finetune
+        if not untrained.train and not untrained.get("init_adapter") and untrained.get("head_init", "random") == "random":
+            # Its "probabilities" are a randomly initialised head over the base model (3.3 log loss on the bench
+            # sample): targets that teach noise.
+            raise UserError(f"finetune.teacher={self.path}: its folds were never trained (finetune.train=false) and "
+                            "their head is a random start (finetune.head_init=random), so their probabilities say "
+                            f"nothing about the verdict; teach with its stage two (finetune.teacher={self.path}/stack), "
+                            "a fine-tuned experiment, or a frozen one made with finetune.head_init=verdict_tokens")
         lay = Layout(self.exp)
         pending = [k for k in range(int(cfg.cv.n_folds))
                    if not (artifacts.read_state(lay.finetune_fold(k)) or {}).get(layout.DONE)]

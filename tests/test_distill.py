@@ -269,6 +269,17 @@ def test_a_teacher_with_other_folds_or_other_rows_is_refused(llm_teacher, model_
         check.run(student_cfg(out, model_cache, "student_renamed", teacher, f"data.train={tmp_path / 'renamed.csv'}"))
 
 
+def test_a_frozen_experiment_with_a_random_head_is_refused_as_an_llm_teacher(tmp_path, model_cache):
+    """A frozen experiment's fold adapters (finetune.train=false) with a random head teach noise: refused at check,
+    pointing at its stage two; with a zero-shot head (finetune.head_init=verdict_tokens) they may teach."""
+    for name, head in (("frozen_random", "random"), ("frozen_zero_shot", "verdict_tokens")):
+        run_teacher(tmp_path, model_cache, name, "finetune.train=false", f"finetune.head_init={head}")
+    with pytest.raises(UserError, match=r"never trained .* random start .*frozen_random/stack"):
+        check.run(student_cfg(tmp_path, model_cache, "student_random", tmp_path / "frozen_random"))
+    found = check.run(student_cfg(tmp_path, model_cache, "student_zero_shot", tmp_path / "frozen_zero_shot"))
+    assert [t["kind"] for t in found["teachers"]] == ["llm"]
+
+
 def test_a_fine_tuned_experiments_stage_two_is_refused_as_a_teacher(tiny_experiment, model_cache, tmp_path):
     _, exp, _ = tiny_experiment
     cfg = student_cfg(tmp_path, model_cache, "student", exp / "stack")
