@@ -132,9 +132,10 @@ class LLMTeacher(Teacher):
 
     def data(self, model_cache_dir: str) -> TeacherData:
         cfg = recorded_config(self.exp, "finetune", model_cache_dir)
-        untrained = cfg.finetune
-        if not untrained.train and not untrained.get("init_adapter") and untrained.get("head_init", "random") == "random":
-            # Its "probabilities" are a randomly initialised head over the base model (3.3 log loss on the bench
+        ft = cfg.finetune
+        random_head = ft.get("head_init", "random") == "random" and not ft.get("init_adapter")
+        if not ft.train and random_head:
+            # Its probabilities come from a randomly initialised head over the base model (3.3 log loss on the bench
             # sample): targets that teach noise.
             raise UserError(f"finetune.teacher={self.path}: its folds were never trained (finetune.train=false) and "
                             "their head is a random start (finetune.head_init=random), so their probabilities say "
