@@ -262,11 +262,9 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
         test_rows = encode_rows(tokenizer, ctx.test.frame, cfg) if test_scored else None
         model = modeling.load_classifier(source, cfg.model, tokenizer, ctx.dtype, ctx.device)
     for k in sorted(set(train_folds) | {k for k in test_passes if k is not None}):  # a twin's source goes first
-        if k not in to_score:
-            copy_test_pass(ctx, folder, twins[k], k)
-            continue
-        start = time.perf_counter()
-        model = modeling.attach_adapter(model, lay.adapter(k), f"fold_{k}")
+        if k in to_score:
+            start = time.perf_counter()
+            model = modeling.attach_adapter(model, lay.adapter(k), f"fold_{k}")
         if k in train_folds:
             if ctx.is_main:
                 artifacts.mark_started(lay.embed_fold(k), setup)
@@ -277,7 +275,7 @@ def extract_missing(ctx: RunContext, ft_states: list[dict], setup: dict, train_f
                 write_train_fold(ctx, k, scored, setup, ft_states[k]["train_folds"], time.perf_counter() - start)
         if k in twins:
             copy_test_pass(ctx, folder, twins[k], k)
-        elif k in test_passes:
+        elif k in test_scored:
             write_test_pass(ctx, folder, k, model, test_rows, settings)
     if None in test_passes:
         model = modeling.attach_adapter(model, averaged_adapter(ctx, ft_states), "averaged")
